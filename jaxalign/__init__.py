@@ -1,0 +1,3 @@
+"""jaxalign: aligning language models with human and programmatic feedback in JAX / Flax NNX."""
+
+__version__ = "0.1.0"
