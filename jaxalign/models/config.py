@@ -1,0 +1,138 @@
+"""Configuration of the causal decoder family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = ("silu", "gelu_tanh")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Rotary position embedding: base frequency and optional context-extension scaling."""
+
+  # Base wavelength theta of the rotary frequencies.
+  theta: float = 10_000.0
+  # "default" (plain RoPE), "linear" (positions divided by factor), "llama3" (Llama-3.1 band scaling).
+  type: Literal["default", "linear", "llama3"] = "default"
+  # Scaling factor for "linear" and "llama3".
+  factor: float = 1.0
+  # Llama-3 band edges, as multiples of the original context (see `rope.inverse_frequencies`).
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  # Context length the model was pretrained with (Llama-3 scaling only).
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.type not in ROPE_TYPES:
+      raise ValueError(f"rope.type={self.type!r} is not supported; choose one of {ROPE_TYPES}")
+    if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      raise ValueError("rope.high_freq_factor must be larger than rope.low_freq_factor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """One causal decoder whose switches cover the Llama, Mistral, Qwen2, Qwen3 and Gemma families.
+
+  Shape letters: D hidden size, F MLP width, N query heads, K key/value heads, H head dim, V vocab.
+  """
+
+  # HF `model_type` this config round-trips to: llama, mistral, qwen2, qwen3 or gemma.
+  family: str = "llama"
+  vocab_size: int = 256  # V
+  hidden_size: int = 64  # D
+  intermediate_size: int = 128  # F
+  num_layers: int = 2
+  num_heads: int = 4  # N
+  num_kv_heads: int = 2  # K (grouped-query attention when K < N)
+  head_dim: int | None = None  # H; defaults to D // N
+  rope: RopeConfig = RopeConfig()
+  rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 2048
+  # Per-layer attention span: None = full causal attention, else the layer attends to the last
+  # `sliding_window` positions (Mistral; Qwen2 layers marked "sliding_attention").
+  sliding_window: int | None = None
+  sliding_layers: tuple[bool, ...] | None = None  # which layers use the window (None = all)
+  qkv_bias: bool = False  # Qwen2
+  qk_norm: bool = False  # Qwen3: RMSNorm over H on queries and keys before RoPE
+  activation: str = "silu"  # gated MLP activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma GeGLU)
+  scale_embeddings: bool = False  # Gemma: multiply embeddings by sqrt(D)
+  norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w), w initialised at 0
+  tie_embeddings: bool = False  # LM head shares the embedding table
+  # Token ids the tokenizer and generation use (kept for HF export).
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  # dtype policy: parameters and activations; softmax, norms and logits are always float32.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation={self.activation!r} is not supported; choose one of {ACTIVATIONS}")
+    for key in ("param_dtype", "dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose one of {tuple(DTYPES)}")
+    if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+      raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+
+  @property
+  def head_size(self) -> int:
+    """H, the per-head width."""
+    return self.head_dim or self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self):
+    return DTYPES[self.param_dtype]
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding-window span of `layer`, or None for full causal attention."""
+    if self.sliding_window is None:
+      return None
+    if self.sliding_layers is not None and not self.sliding_layers[layer]:
+      return None
+    return self.sliding_window
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    """Parameter count (embedding and LM head included), for FLOP and memory estimates."""
+    d, f, h = self.hidden_size, self.intermediate_size, self.head_size
+    attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
+    if self.qkv_bias:
+      attn += h * (self.num_heads + 2 * self.num_kv_heads)
+    layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.num_layers * layer + d + head
+
+
+# Small presets, one per family, for tests and the CPU default run.
+def tiny(family: str = "llama", **overrides) -> ModelConfig:
+  """A 2-layer, 64-wide model of the given family, for tests and laptop runs."""
+  family_switches = {
+    "llama": {},
+    "llama3": dict(rope=RopeConfig(theta=500_000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
+                                   high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "mistral": dict(family="mistral", sliding_window=4),
+    "qwen2": dict(family="qwen2", qkv_bias=True, tie_embeddings=True),
+    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=32),
+    "gemma": dict(family="gemma", activation="gelu_tanh", scale_embeddings=True, norm_offset=True,
+                  tie_embeddings=True, head_dim=32, num_kv_heads=1),
+  }
+  if family not in family_switches:
+    raise ValueError(f"unknown family {family!r}; choose one of {tuple(family_switches)}")
+  return ModelConfig(**{**family_switches[family], **overrides})

@@ -1,0 +1,146 @@
+"""The causal decoder (backbone), the language model head, and the scalar (reward / value) head."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.models.attention import Attention, causal_segment_mask
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.layers import Dense, Embed, RMSNorm
+from jaxalign.models.rope import inverse_frequencies, rotary_tables
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU (Llama) or GeGLU (Gemma)."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+    self.activation = cfg.activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # [B, T, F]
+    return self.down_proj(sharding.constrain(hidden, ("batch", "seq", "mlp")))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+
+def default_positions(segment_ids: jax.Array) -> jax.Array:
+  """Position ids [B, T] that count from 0 at each segment's first token (padding gets 0).
+
+  For a left- or right-padded batch (segment ids = attention mask) this is `cumsum(mask) - 1`;
+  for a packed row positions restart in every document.
+  """
+  t = jnp.arange(segment_ids.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+  start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+  return jnp.where(segment_ids != 0, t - start_index, 0)
+
+
+class Decoder(nnx.Module):
+  """Embedding, N blocks, final norm. Returns the final hidden states [B, T, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                              param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
+                        param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.config = cfg
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+    """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) or segment_ids [B, T] for
+    packed rows (0 = padding, 1, 2, ... = documents). positions default to per-segment counts."""
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask.astype(jnp.int32)
+    if positions is None:
+      positions = default_positions(segment_ids)
+    cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
+    masks = {w: causal_segment_mask(segment_ids, w) for w in windows}
+
+    x = self.embed_tokens(input_ids)  # [B, T, D]
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    for i, layer in enumerate(self.layers):
+      x = layer(x, cos, sin, masks[cfg.layer_window(i)])
+    return self.norm(x)
+
+
+class CausalLM(nnx.Module):
+  """Decoder + LM head. `hidden_states` feeds training (log-probs via ops); `__call__` gives logits."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.model = Decoder(cfg, rngs=rngs)
+    self.lm_head = None if cfg.tie_embeddings else Dense(
+      cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.config = cfg
+
+  def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
+    """Final-norm hidden states [B, T, D]."""
+    return self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+
+  def head_weight(self) -> jax.Array:
+    """The LM head as a [D, V] matrix (the transposed embedding when tied)."""
+    if self.lm_head is None:
+      return self.model.embed_tokens.embedding[...].T
+    return self.lm_head.kernel[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits [..., V] from hidden states [..., D]. Only for eval and sampling."""
+    weight = self.head_weight().astype(self.config.compute_dtype)
+    return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
+    """Logits [B, T, V] (float32)."""
+    return self.logits(self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids))
+
+
+class ScalarModel(nnx.Module):
+  """Decoder + a scalar head (`score`, [D, 1]): reward models and PPO critics.
+
+  The HF counterpart is `*ForSequenceClassification` with one label, read at the last real token.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.model = Decoder(cfg, rngs=rngs)
+    self.score = Dense(cfg.hidden_size, 1, ("embed", "scalar"), dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.config = cfg
+
+  def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
+    """Per-token scalars [B, T] (float32): values for a critic; read the last token for a reward."""
+    hidden = self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+    return self.score(hidden)[..., 0].astype(jnp.float32)
+
+
+def last_token_values(values: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  """values [B, T] read at each row's last real token (works for left and right padding). -> [B]."""
+  t = jnp.arange(values.shape[1])
+  last = jnp.max(jnp.where(attention_mask.astype(bool), t, -1), axis=1)
+  return jnp.take_along_axis(values, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]

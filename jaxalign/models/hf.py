@@ -1,0 +1,289 @@
+"""Hugging Face checkpoints in and out: config.json + safetensors (+ tokenizer files).
+
+Parameter names follow HF's, so a jaxalign path ``model/layers/0/self_attn/q_proj/kernel`` is the
+HF key ``model.layers.0.self_attn.q_proj.weight`` (kernels are stored transposed, [out, in]).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxalign import sharding
+from jaxalign.models.config import DTYPES, ModelConfig, RopeConfig
+from jaxalign.models.decoder import CausalLM, ScalarModel
+
+# Switches that each HF model_type fixes; everything else comes from config.json.
+FAMILIES = {
+  "llama": dict(qkv_bias=False, qk_norm=False, scale_embeddings=False, norm_offset=False),
+  "mistral": dict(qkv_bias=False, qk_norm=False, scale_embeddings=False, norm_offset=False),
+  "qwen2": dict(qkv_bias=True, qk_norm=False, scale_embeddings=False, norm_offset=False),
+  "qwen3": dict(qkv_bias=False, qk_norm=True, scale_embeddings=False, norm_offset=False),
+  "gemma": dict(qkv_bias=False, qk_norm=False, scale_embeddings=True, norm_offset=True),
+}
+_HF_CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}
+_ACTIVATION_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+                       "gelu_new": "gelu_tanh"}
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+_MAX_SHARD_BYTES = 4 << 30
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that jaxalign cannot read as the model it describes."""
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
+  params = dict(hf.get("rope_parameters") or {})
+  legacy = hf.get("rope_scaling") or {}  # transformers < 5 kept theta and scaling apart
+  params = {**legacy, **params}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type not in ("default", "linear", "llama3"):
+    raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (default, linear, llama3)")
+  fields = {k: params[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if k in params}
+  return RopeConfig(theta=float(theta), type=rope_type, **fields)
+
+
+def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
+  """ModelConfig from a parsed HF config.json (`where` names the file in errors)."""
+  family = hf.get("model_type")
+  if family not in FAMILIES:
+    raise CheckpointError(f"{where}: model_type {family!r} is not supported; supported: {sorted(FAMILIES)}")
+  act_name = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
+  if act_name not in _ACTIVATION_FROM_HF:
+    raise CheckpointError(f"{where}: hidden_act {act_name!r} is not supported")
+  for key in ("mlp_bias",) + (("attention_bias",) if family != "qwen2" else ()):
+    if hf.get(key):
+      raise CheckpointError(f"{where}: {key}=true is not supported for model_type {family!r}")
+  num_layers = hf["num_hidden_layers"]
+  window, sliding_layers = hf.get("sliding_window"), None
+  if family in ("qwen2", "qwen3"):
+    types = hf.get("layer_types") or ["full_attention"] * num_layers
+    sliding_layers = tuple(t == "sliding_attention" for t in types)
+    if not hf.get("use_sliding_window") or not any(sliding_layers):
+      window, sliding_layers = None, None
+  eos = hf.get("eos_token_id")
+  try:
+    return ModelConfig(
+      family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=num_layers, num_heads=hf["num_attention_heads"],
+      num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
+      rope=_rope_from_hf(hf, where), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      max_position_embeddings=hf.get("max_position_embeddings", 2048), sliding_window=window,
+      sliding_layers=sliding_layers, activation=_ACTIVATION_FROM_HF[act_name],
+      tie_embeddings=hf.get("tie_word_embeddings", family == "gemma"), bos_token_id=hf.get("bos_token_id"),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.get("pad_token_id"),
+      param_dtype=dtype, dtype=dtype, **FAMILIES[family])
+  except KeyError as e:
+    raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+
+
+def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
+  """The HF config.json dict for `cfg` (errors if a switch is not expressible in its model_type)."""
+  fixed = FAMILIES.get(cfg.family)
+  if fixed is None:
+    raise CheckpointError(f"family {cfg.family!r} has no HF model_type; supported: {sorted(FAMILIES)}")
+  for key, value in fixed.items():
+    if getattr(cfg, key) != value:
+      raise CheckpointError(f"HF model_type {cfg.family!r} requires {key}={value}, config has {getattr(cfg, key)}")
+  rope = {"rope_type": cfg.rope.type, "rope_theta": cfg.rope.theta}
+  if cfg.rope.type != "default":
+    rope["factor"] = cfg.rope.factor
+  if cfg.rope.type == "llama3":
+    rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
+                original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+  head = "ForSequenceClassification" if scalar_head else "ForCausalLM"
+  hf = dict(
+    architectures=[_HF_CLASS[cfg.family] + head], model_type=cfg.family, vocab_size=cfg.vocab_size,
+    hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+    num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_size,
+    hidden_act="gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else cfg.activation,
+    rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
+    tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
+    eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+    pad_token_id=cfg.pad_token_id, dtype=cfg.param_dtype, attention_bias=cfg.qkv_bias)
+  if scalar_head:
+    hf.update(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
+  if cfg.family == "mistral":
+    hf["sliding_window"] = cfg.sliding_window
+  elif cfg.family in ("qwen2", "qwen3"):
+    hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+              layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
+                           for i in range(cfg.num_layers)])
+  elif cfg.sliding_window is not None:
+    raise CheckpointError(f"HF model_type {cfg.family!r} has no sliding window; config sets {cfg.sliding_window}")
+  return hf
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def hf_key(path: tuple) -> tuple[str, bool]:
+  """HF tensor name for a jaxalign parameter path, and whether the tensor is stored transposed."""
+  *prefix, leaf = (str(p) for p in path)
+  return ".".join(prefix + ["weight" if leaf in ("kernel", "embedding") else leaf]), leaf == "kernel"
+
+
+def _tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Tensor name -> safetensors file, from model.safetensors or a sharded index."""
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {key: path / file for key, file in weight_map.items()}
+  single = path / "model.safetensors"
+  if not single.exists():
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+  with safe_open(single, framework="numpy") as f:
+    return {key: single for key in f.keys()}
+
+
+def _is_scalar_checkpoint(hf: dict) -> bool:
+  return any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ())
+
+
+def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
+            rules: sharding.Rules = sharding.DEFAULT_RULES):
+  """Read a local HF directory into a jaxalign model. Returns (model, config).
+
+  `*ForCausalLM` checkpoints give a `CausalLM`, `*ForSequenceClassification` (one label) a `ScalarModel`.
+  With a mesh, each parameter is read slice by slice straight into its sharding (no replicated copy).
+  """
+  path = pathlib.Path(path)
+  config_file = path / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+  if dtype not in DTYPES:
+    raise CheckpointError(f"dtype={dtype!r} is not supported; choose one of {tuple(DTYPES)}")
+  hf = json.loads(config_file.read_text())
+  cfg = config_from_hf(hf, str(config_file), dtype)
+  model_cls = ScalarModel if _is_scalar_checkpoint(hf) else CausalLM
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
+  if mesh is not None:
+    shardings = sharding.param_shardings(abstract, mesh, rules)
+  else:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda v: v.replace(single), abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  files = _tensor_index(path)
+  handles = {}
+  try:
+    def read(var_path, var, var_sharding):
+      key, transposed = hf_key(var_path)
+      if key not in files:
+        raise CheckpointError(f"{path}: tensor {key!r} missing from the checkpoint")
+      if files[key] not in handles:
+        handles[files[key]] = safe_open(files[key], framework="numpy")
+      tensor = handles[files[key]].get_slice(key)
+      expected = var.shape[::-1] if transposed else var.shape
+      if tuple(tensor.get_shape()) != tuple(expected):
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, config.json implies "
+                              f"{tuple(expected)}")
+
+      def shard(index):
+        block = tensor[index[::-1]].T if transposed else tensor[index]
+        return np.asarray(block, dtype=var.dtype)
+
+      return var.replace(jax.make_array_from_callback(var.shape, var_sharding.get_value(), shard))
+
+    flat = [(p, read(p, v, s)) for (p, v), (_, s) in zip(abstract.flat_state(), shardings.flat_state(), strict=True)]
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
+  used = {hf_key(p)[0] for p, _ in flat}
+  if cfg.tie_embeddings:
+    used.add("lm_head.weight")
+  unexpected = sorted(k for k in files if k not in used and not k.endswith(_IGNORED_KEYS))
+  if unexpected:
+    raise CheckpointError(f"{path}: tensor {unexpected[0]!r} is not part of a {cfg.family} model with this "
+                          f"config ({len(unexpected)} unexpected tensors)")
+  return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+
+
+def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.PathLike, *, tokenizer=None,
+            dtype: str | None = None) -> pathlib.Path:
+  """Write `model` as an HF directory (config.json, safetensors, tokenizer if given), atomically."""
+  path = pathlib.Path(path)
+  scalar = isinstance(model, ScalarModel)
+  hf = config_to_hf(config if dtype is None else config.replace(param_dtype=dtype), scalar_head=scalar)
+  out_dtype = DTYPES[dtype or config.param_dtype]
+  tensors = {}
+  for var_path, var in nnx.state(model, nnx.Param).flat_state():
+    key, transposed = hf_key(var_path)
+    array = np.asarray(jax.device_get(_gather(var[...])), dtype=out_dtype)
+    tensors[key] = np.ascontiguousarray(array.T if transposed else array)
+
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+  try:
+    _write_safetensors(tensors, tmp)
+    (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if tokenizer is not None:
+      tokenizer.save_pretrained(str(tmp))
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path
+
+
+def _gather(x: jax.Array) -> jax.Array:
+  if x.is_fully_addressable:
+    return x
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(x, tiled=True)
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], folder: pathlib.Path) -> None:
+  shards, current, size = [], {}, 0
+  for key, array in tensors.items():
+    if current and size + array.nbytes > _MAX_SHARD_BYTES:
+      shards.append(current)
+      current, size = {}, 0
+    current[key], size = array, size + array.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, folder / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, name))
+  total = sum(a.nbytes for a in tensors.values())
+  (folder / "model.safetensors.index.json").write_text(
+    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
+  """Swap `new` into place; the previous `target` (if any) survives until the swap is done."""
+  if not target.exists():
+    os.replace(new, target)
+    return
+  old = target.with_name(f".{target.name}.old")
+  shutil.rmtree(old, ignore_errors=True)
+  os.replace(target, old)
+  os.replace(new, target)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """The tokenizer (chat template included) saved in an HF model directory, via transformers."""
+  from transformers import AutoTokenizer
+
+  path = pathlib.Path(path)
+  if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or tokenizer_config.json)")
+  return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
