@@ -82,13 +82,15 @@ class ModelConfig:
         raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose one of {tuple(DTYPES)}")
     if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
       raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
-    if self.head_dim is None and self.hidden_size % self.num_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+    if self.head_dim is None:
+      if self.hidden_size % self.num_heads:
+        raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
   @property
   def head_size(self) -> int:
     """H, the per-head width."""
-    return self.head_dim or self.hidden_size // self.num_heads
+    return self.head_dim
 
   @property
   def compute_dtype(self):

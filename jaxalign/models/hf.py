@@ -198,7 +198,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
 
       return var.replace(jax.make_array_from_callback(var.shape, var_sharding.get_value(), shard))
 
-    flat = [(p, read(p, v, s)) for (p, v), (_, s) in zip(abstract.flat_state(), shardings.flat_state(), strict=True)]
+    pairs = zip(nnx.to_flat_state(abstract), nnx.to_flat_state(shardings), strict=True)
+    flat = [(p, read(p, v, s)) for (p, v), (_, s) in pairs]
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
@@ -220,7 +221,7 @@ def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.P
   hf = config_to_hf(config if dtype is None else config.replace(param_dtype=dtype), scalar_head=scalar)
   out_dtype = DTYPES[dtype or config.param_dtype]
   tensors = {}
-  for var_path, var in nnx.state(model, nnx.Param).flat_state():
+  for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     key, transposed = hf_key(var_path)
     array = np.asarray(jax.device_get(_gather(var[...])), dtype=out_dtype)
     tensors[key] = np.ascontiguousarray(array.T if transposed else array)

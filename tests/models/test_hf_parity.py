@@ -1,0 +1,160 @@
+"""Logits parity with transformers' PyTorch models, both directions, for every supported family."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from jaxalign.models import CausalLM, ScalarModel, last_token_values, load_hf, save_hf, tiny
+from jaxalign.models.decoder import default_positions
+from jaxalign.models.hf import CheckpointError
+
+VOCAB = 97
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=0)
+
+# One tiny HF config per family switch (hidden 64, 2 layers).
+HF_CONFIGS = {
+  "llama": ("LlamaConfig", dict()),
+  "llama3": ("LlamaConfig", dict(rope_parameters=dict(
+    rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=8))),
+  "mistral": ("MistralConfig", dict(sliding_window=4, head_dim=16)),
+  "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+  "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+  "qwen3": ("Qwen3Config", dict(head_dim=24)),
+  "gemma": ("GemmaConfig", dict(head_dim=32, num_key_value_heads=1)),
+}
+
+
+def randomize_torch(model, seed):
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen) * 0.15
+      p.copy_(1.0 + noise if name.endswith("norm.weight") and "gemma" not in type(model).__name__.lower() else noise)
+
+
+def make_hf_model(name, path, seed=0):
+  cls_name, extra = HF_CONFIGS[name]
+  config = getattr(transformers, cls_name)(**{**COMMON, **extra})
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+  randomize_torch(model, seed)
+  model.save_pretrained(path)
+  return model
+
+
+def padded_batch(rng):
+  """Row 0 left-padded, row 1 right-padded, row 2 full; tokens avoid the pad id 0."""
+  ids = rng.integers(1, VOCAB, size=(3, 11))
+  mask = np.ones_like(ids)
+  mask[0, :4] = 0
+  mask[1, 8:] = 0
+  return np.where(mask == 1, ids, 0), mask
+
+
+def hf_logits(model, ids, mask):
+  positions = np.asarray(default_positions(jnp.asarray(mask)))
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))
+  return out.logits.float().numpy()
+
+
+def assert_logits_match(ours, theirs, mask):
+  real = mask.astype(bool)
+  ours, theirs = np.asarray(ours)[real], theirs[real]
+  rel = np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))
+  assert rel < 1e-5, f"relative logits error {rel:.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_load_hf_matches_transformers(name, tmp_path):
+  hf_model = make_hf_model(name, tmp_path, seed=len(name))
+  ids, mask = padded_batch(np.random.default_rng(len(name)))
+  model, cfg = load_hf(tmp_path)
+  assert cfg.family == HF_CONFIGS[name][0].removesuffix("Config").lower()
+  assert_logits_match(model(jnp.asarray(ids), jnp.asarray(mask)), hf_logits(hf_model, ids, mask), mask)
+
+
+def randomize_jax(model, seed):
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  rng = np.random.default_rng(seed)
+  leaves = [jnp.asarray(rng.normal(0, 0.15, x.shape), x.dtype) + (1.0 if x.ndim == 1 else 0.0) for x in leaves]
+  nnx.update(model, treedef.unflatten(leaves))
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma"])
+def test_save_hf_loads_in_transformers(family, tmp_path):
+  cfg = tiny(family, vocab_size=VOCAB, pad_token_id=0)
+  model = CausalLM(cfg, rngs=nnx.Rngs(1))
+  randomize_jax(model, 1)
+  save_hf(model, cfg, tmp_path / "out")
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  ids, mask = padded_batch(np.random.default_rng(2))
+  assert_logits_match(model(jnp.asarray(ids), jnp.asarray(mask)), hf_logits(hf_model, ids, mask), mask)
+  reloaded, cfg2 = load_hf(tmp_path / "out")
+  assert cfg2 == cfg
+  np.testing.assert_array_equal(reloaded(jnp.asarray(ids)), model(jnp.asarray(ids)))
+
+
+def test_scalar_model_round_trip_as_sequence_classifier(tmp_path):
+  cfg = tiny("llama", vocab_size=VOCAB, pad_token_id=0)
+  model = ScalarModel(cfg, rngs=nnx.Rngs(3))
+  randomize_jax(model, 3)
+  save_hf(model, cfg, tmp_path)
+  hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(
+    tmp_path, attn_implementation="eager").eval()
+  ids = np.random.default_rng(4).integers(1, VOCAB, size=(2, 9))
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0  # right padding: HF pools at the last non-pad id
+  ids = np.where(mask == 1, ids, 0)
+  ours = last_token_values(model(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask))
+  with torch.no_grad():
+    theirs = hf_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+  loaded, _ = load_hf(tmp_path)
+  assert isinstance(loaded, ScalarModel)
+
+
+def test_unsupported_architecture_is_a_one_line_error(tmp_path):
+  transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
+    tmp_path)
+  with pytest.raises(CheckpointError, match=r"model_type 'gpt2' is not supported"):
+    load_hf(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+  make_hf_model("llama", tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["intermediate_size"] = 128
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(64, 96\)"):
+    load_hf(tmp_path)
+
+
+def test_missing_tensor_names_the_key(tmp_path):
+  make_hf_model("qwen2", tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["tie_word_embeddings"] = False
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r"tensor 'lm_head\.weight' missing"):
+    load_hf(tmp_path)
+
+
+def test_bfloat16_load_is_close_to_float32(tmp_path):
+  make_hf_model("llama", tmp_path)
+  ids, mask = padded_batch(np.random.default_rng(5))
+  f32, _ = load_hf(tmp_path)
+  bf16, cfg = load_hf(tmp_path, dtype="bfloat16")
+  assert cfg.param_dtype == "bfloat16"
+  assert bf16.model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+  a, b = np.asarray(f32(jnp.asarray(ids), jnp.asarray(mask))), np.asarray(bf16(jnp.asarray(ids), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  assert np.max(np.abs(a[real] - b[real])) / np.max(np.abs(a[real])) < 5e-2
