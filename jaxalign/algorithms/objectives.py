@@ -1,0 +1,173 @@
+"""Offline objectives: how each family turns a batch into loss statistics.
+
+An `Objective` pairs a registered loss (`jaxalign.losses`) with the forward passes that produce its
+input statistics. All losses sum exactly over micro-batches: `step_counts` computes the
+step-level denominators from the whole accumulated batch [A, B, ...] before any forward pass.
+
+Families: SFT (TokenBatch), the direct pairwise losses (PairStats), listwise (ListStats), unpaired
+(UnpairedStats: KTO, NPO) and reward models (RewardPair / RewardList on a scalar head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import losses
+from jaxalign.algorithms.forward import frozen, loss_targets, rows, sequence_logps, token_logps
+from jaxalign.models.decoder import last_token_values
+
+STEP_COUNTS = ("num_tokens", "num_sequences", "num_pairs", "num_lists", "num_examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What one training algorithm needs from a batch; `stats(policy, reference, batch)` -> loss input."""
+
+  loss_name: str
+  data_format: str
+  scalar_head: bool
+  uses_reference: bool
+  stats: Callable
+  # Extra per-call loss arguments derived from the batch (e.g. step counts), given the stacked batch.
+  step_counts: Callable
+
+  def loss(self, stats, counts: dict, params: dict):
+    """(loss share of this micro-batch, metrics). Shares sum to the step loss over micro-batches."""
+    fn = losses.get(self.loss_name)
+    accepted = inspect.signature(fn).parameters
+    return fn(stats, **params, **{k: v for k, v in counts.items() if k in accepted})
+
+
+def eval_metrics(stats) -> dict:
+  """Metrics that need no loss: does the policy itself rank the data's preferred answer first?"""
+  if isinstance(stats, losses.PairStats):
+    out = {"policy_prefers_chosen": jnp.mean((stats.policy_chosen > stats.policy_rejected).astype(jnp.float32))}
+    if stats.ref_chosen is not None:
+      out["logratio_per_token/chosen"] = jnp.mean((stats.policy_chosen - stats.ref_chosen) / stats.n_chosen)
+      out["logratio_per_token/rejected"] = jnp.mean((stats.policy_rejected - stats.ref_rejected) / stats.n_rejected)
+    return out
+  if isinstance(stats, losses.TokenBatch):
+    return {"nll_per_token": -jnp.sum(stats.logps * stats.mask) / jnp.maximum(jnp.sum(stats.mask), 1.0)}
+  return {}
+
+
+def _response_counts(batch: dict) -> jax.Array:
+  """Loss tokens per response row of a stacked batch, shaped like its leading axes ([A, B] or [A, B, C])."""
+  flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "loss_mask", "segment_ids")}
+  return jnp.sum(loss_targets(flat)[1], -1).reshape(batch["input_ids"].shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------- SFT
+
+
+def sft_stats(policy, reference, batch, **op):
+  del reference
+  logps, mask, entropy = token_logps(policy, batch, return_entropy=True, **op)
+  return losses.TokenBatch(logps=logps, mask=mask, entropy=jax.lax.stop_gradient(entropy))
+
+
+def sft_counts(batch):
+  tokens = _response_counts(batch)
+  return {"num_tokens": jnp.sum(tokens), "num_sequences": tokens.size}
+
+
+# -------------------------------------------------------------------------------- direct (policy LM)
+
+
+def _policy_and_reference(policy, reference, batch, prefix="", **op):
+  flat = rows(batch, prefix)
+  s, n = sequence_logps(policy, flat, **op)
+  s_ref = frozen(sequence_logps, reference, flat, **op)[0] if reference is not None else None
+  return s, n, s_ref
+
+
+def pair_stats(policy, reference, batch, **op):
+  s, n, s_ref = _policy_and_reference(policy, reference, batch, **op)
+  s, n = s.reshape(-1, 2), n.reshape(-1, 2)
+  s_ref = batch["ref_logps"] if s_ref is None and "ref_logps" in batch else s_ref
+  ref = (None, None) if s_ref is None else (s_ref.reshape(-1, 2)[:, 0], s_ref.reshape(-1, 2)[:, 1])
+  return losses.PairStats(policy_chosen=s[:, 0], policy_rejected=s[:, 1], ref_chosen=ref[0], ref_rejected=ref[1],
+                          n_chosen=n[:, 0], n_rejected=n[:, 1])
+
+
+def pair_counts(batch):
+  tokens = _response_counts(batch)
+  return {"num_pairs": tokens.shape[0] * tokens.shape[1], "num_tokens": jnp.sum(tokens[..., 0])}
+
+
+def list_stats(policy, reference, batch, **op):
+  s, _, s_ref = _policy_and_reference(policy, reference, batch, **op)
+  shape = batch["scores"].shape
+  s_ref = batch.get("ref_logps") if s_ref is None else s_ref.reshape(shape)
+  return losses.ListStats(policy=s.reshape(shape), labels=batch["scores"], ref=s_ref)
+
+
+def list_counts(batch):
+  return {"num_lists": batch["input_ids"].shape[0] * batch["input_ids"].shape[1]}
+
+
+def unpaired_stats(policy, reference, batch, **op):
+  s, n, s_ref = _policy_and_reference(policy, reference, batch, **op)
+  kl, _, kl_ref = _policy_and_reference(policy, reference, batch, prefix="kl_", **op)
+  if s_ref is None and "ref_logps" in batch:
+    s_ref, kl_ref = batch["ref_logps"], batch["kl_ref_logps"]
+  return losses.UnpairedStats(policy=s, ref=s_ref, desirable=batch["label"], kl_policy=jax.lax.stop_gradient(kl),
+                              kl_ref=kl_ref, n=n)
+
+
+def unpaired_counts(batch):
+  return {"num_examples": batch["input_ids"].shape[0] * batch["input_ids"].shape[1]}
+
+
+# ----------------------------------------------------------------------------------- reward models
+
+
+def _rewards(model, batch):
+  flat = rows(batch)
+  values = model(flat["input_ids"], segment_ids=flat["segment_ids"])  # [R, T]
+  return last_token_values(values, flat["segment_ids"] != 0).reshape(batch["input_ids"].shape[:-1])
+
+
+def reward_pair_stats(model, reference, batch, **op):
+  del reference, op
+  r = _rewards(model, batch)  # [B, 2]
+  return losses.RewardPair(chosen=r[:, 0], rejected=r[:, 1], margin=batch.get("margin"))
+
+
+def reward_list_stats(model, reference, batch, **op):
+  del reference, op
+  return losses.RewardList(rewards=_rewards(model, batch), labels=batch["scores"])
+
+
+_BY_INPUT = {
+  losses.PairStats: ("preference", pair_stats, pair_counts),
+  losses.ListStats: ("ranked", list_stats, list_counts),
+  losses.UnpairedStats: ("unpaired", unpaired_stats, unpaired_counts),
+}
+REFERENCE_FREE = {"cpo", "simpo", "orpo", "slic", "pmle", "preference_distillation"}
+REWARD_LOSSES = {"bradley_terry": ("preference", reward_pair_stats, list_counts),
+                 "rm_all_pairs": ("ranked", reward_list_stats, list_counts),
+                 "rm_plackett_luce": ("ranked", reward_list_stats, list_counts)}
+
+
+def objective_for(algorithm: str, loss_name: str) -> Objective:
+  """The Objective of `algorithm` (sft | reward | preference) trained with registered loss `loss_name`."""
+  if algorithm == "sft":
+    return Objective("sft", "sft", False, False, sft_stats, sft_counts)
+  if algorithm == "reward":
+    if loss_name not in REWARD_LOSSES:
+      raise ValueError(f"loss.name={loss_name!r} is not a reward-model loss; choose one of {sorted(REWARD_LOSSES)}")
+    fmt, stats, counts = REWARD_LOSSES[loss_name]
+    return Objective(loss_name, fmt, True, False, stats, pair_counts if fmt == "preference" else counts)
+  if algorithm == "preference":
+    kind = losses.input_type(loss_name)
+    if kind not in _BY_INPUT:
+      raise ValueError(f"loss.name={loss_name!r} is not an offline preference loss (it takes {kind.__name__})")
+    fmt, stats, counts = _BY_INPUT[kind]
+    return Objective(loss_name, fmt, False, loss_name not in REFERENCE_FREE, stats, counts)
+  raise ValueError(f"algorithm={algorithm!r}; choose one of sft, reward, preference")

@@ -1,0 +1,131 @@
+"""The jitted train and eval steps shared by every offline objective, and the optimiser.
+
+`step(state, batch, frozen) -> (state, metrics)`: `batch` carries a leading micro-batch axis [A, ...];
+the step scans over it, summing gradients of loss shares whose denominators cover the whole step
+(exact accumulation), clips, and applies AdamW. `frozen` holds what does not train: the base
+weights under LoRA, and the reference policy's weights when it is a separate copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxalign.algorithms import lora as lora_lib
+from jaxalign.algorithms.objectives import Objective, eval_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warm-up and decay, global-norm clipping and gradient accumulation."""
+
+  lr: float = 1e-4
+  # constant | linear | cosine (decay to lr * min_lr_ratio after warm-up)
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  # Global-norm gradient clipping; 0 disables it.
+  max_grad_norm: float = 1.0
+  # Micro-batches per optimiser step.
+  grad_accum: int = 1
+
+  def __post_init__(self):
+    if self.schedule not in ("constant", "linear", "cosine"):
+      raise ValueError(f"optim.schedule={self.schedule!r}; choose constant, linear or cosine")
+    if self.grad_accum < 1:
+      raise ValueError("optim.grad_accum must be >= 1")
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  decay_steps = max(total_steps - cfg.warmup_steps, 1)
+  end = cfg.lr * cfg.min_lr_ratio
+  decay = {"constant": optax.constant_schedule(cfg.lr),
+           "linear": optax.linear_schedule(cfg.lr, end, decay_steps),
+           "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)}[cfg.schedule]
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay],
+                                  [cfg.warmup_steps]) if cfg.warmup_steps else decay
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
+
+
+class TrainState(NamedTuple):
+  """Everything a checkpoint must hold to continue a run exactly."""
+
+  trainable: Any  # model parameters, or LoRA adapters
+  opt_state: Any
+  step: jax.Array
+  rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFns:
+  """Static pieces the step closes over (the optax/levanter factory pattern)."""
+
+  graphdef: Any
+  objective: Objective
+  tx: optax.GradientTransformation
+  loss_params: dict
+  lora: lora_lib.LoraConfig
+  op: dict  # token_logprobs options (impl, temperature)
+
+  def policy(self, trainable, frozen_params):
+    params = lora_lib.merge(frozen_params["base"], trainable, self.lora) if self.lora.enabled else trainable
+    return nnx.merge(self.graphdef, params)
+
+  def reference(self, frozen_params):
+    if not self.objective.uses_reference:
+      return None
+    ref = frozen_params.get("reference", frozen_params.get("base"))
+    return None if ref is None else nnx.merge(self.graphdef, ref)
+
+  def stats(self, trainable, frozen_params, batch):
+    policy, reference = self.policy(trainable, frozen_params), self.reference(frozen_params)
+    return self.objective.stats(policy, reference, batch, **self.op)
+
+  def micro_loss(self, trainable, frozen_params, batch, counts):
+    return self.objective.loss(self.stats(trainable, frozen_params, batch), counts, self.loss_params)
+
+
+def make_train_step(fns: StepFns):
+  """step(state, batch [A, ...], frozen) -> (state, metrics)."""
+
+  def step(state: TrainState, batch: dict, frozen_params: dict):
+    counts = fns.objective.step_counts(batch)
+    grad_fn = jax.value_and_grad(fns.micro_loss, has_aux=True)
+
+    def accumulate(grads, micro_batch):
+      (loss, metrics), g = grad_fn(state.trainable, frozen_params, micro_batch, counts)
+      return jax.tree.map(jnp.add, grads, g), {**metrics, "loss": loss}
+
+    zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
+    metrics = {k: jnp.mean(v, axis=0) for k, v in per_micro.items()}
+    metrics["loss"] = jnp.sum(per_micro["loss"])  # shares sum to the step loss
+    updates, opt_state = fns.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    rng, _ = jax.random.split(state.rng)
+    return TrainState(trainable, opt_state, state.step + 1, rng), metrics
+
+  return step
+
+
+def make_eval_step(fns: StepFns):
+  """eval(state, batch [B, ...], frozen) -> metrics (loss over this batch alone)."""
+
+  def evaluate(state: TrainState, batch: dict, frozen_params: dict):
+    stacked = jax.tree.map(lambda x: x[None], batch)
+    stats = fns.stats(state.trainable, frozen_params, batch)
+    loss, metrics = fns.objective.loss(stats, fns.objective.step_counts(stacked), fns.loss_params)
+    return {**metrics, **eval_metrics(stats), "loss": loss}
+
+  return evaluate

@@ -1,0 +1,245 @@
+"""Typed, validated configs: nested frozen dataclasses from YAML plus `a.b.c=value` overrides.
+
+Every error is one line naming the file, line or dotted key at fault, e.g.
+``config key 'optim.lrr' is unknown (did you mean 'optim.lr'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import pathlib
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config file, key or value that cannot be used; the message names it."""
+
+
+def _type_name(tp) -> str:
+  return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+  """Check (and gently convert) `value` against the annotation `tp`."""
+  origin, args = typing.get_origin(tp), typing.get_args(tp)
+  if tp is Any:
+    return value
+  if origin in (typing.Union, types.UnionType):
+    if value is None and type(None) in args:
+      return None
+    errors = []
+    for option in (a for a in args if a is not type(None)):
+      try:
+        return _coerce(value, option, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches none of "
+                      f"{' | '.join(_type_name(a) for a in args)}")
+  if origin is Literal:
+    if value not in args:
+      raise ConfigError(f"config key '{key}': {value!r} is not one of {list(args)}")
+    return value
+  if dataclasses.is_dataclass(tp):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, dict):
+      raise ConfigError(f"config key '{key}': expected a mapping of {tp.__name__} fields, got {value!r}")
+    return from_dict(tp, value, key)
+  if origin in (tuple, list):
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+      args = (args[0],) * len(value)
+    elif origin is list:
+      args = (args[0] if args else Any,) * len(value)
+    if len(args) != len(value):
+      raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+  if origin is dict or tp is dict:
+    if not isinstance(value, dict):
+      raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+    return dict(value)
+  if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if tp is float and isinstance(value, str):
+    try:
+      return float(value)  # YAML reads 1e-4 (no dot) as a string
+    except ValueError:
+      pass
+  if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+    return value
+  raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+  """Build dataclass `cls` from a (nested) dict, rejecting unknown keys and ill-typed values."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls) if f.init}
+  kwargs = {}
+  for name, value in data.items():
+    key = f"{prefix}.{name}" if prefix else name
+    if name not in fields:
+      close = difflib.get_close_matches(name, fields, n=1)
+      hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+      raise ConfigError(f"config key '{key}' is unknown{hint}")
+    kwargs[name] = _coerce(value, hints[name], key)
+  try:
+    return cls(**kwargs)
+  except ConfigError:
+    raise
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"config section '{prefix or cls.__name__}': {e}") from None
+
+
+def to_dict(config) -> dict:
+  """Plain nested dict (tuples become lists), suitable for YAML / JSON."""
+
+  def plain(v):
+    if dataclasses.is_dataclass(v):
+      return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (tuple, list)):
+      return [plain(x) for x in v]
+    if isinstance(v, dict):
+      return {k: plain(x) for k, x in v.items()}
+    return v
+
+  return plain(config)
+
+
+def load_yaml(path: str | pathlib.Path) -> dict:
+  """Parse a YAML mapping; syntax errors name the file and line."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise ConfigError(f"config file {path} does not exist")
+  try:
+    data = yaml.safe_load(path.read_text())
+  except yaml.MarkedYAMLError as e:
+    mark = e.problem_mark
+    raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: {e.problem}") from None
+  if data is None:
+    return {}
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+  return data
+
+
+def apply_override(data: dict, override: str) -> dict:
+  """Set `a.b.c=value` in a nested dict (value parsed as YAML: numbers, bools, lists, null)."""
+  if "=" not in override:
+    raise ConfigError(f"override {override!r} must look like key.path=value")
+  key, raw = override.split("=", 1)
+  try:
+    value = yaml.safe_load(raw) if raw else ""
+  except yaml.YAMLError:
+    value = raw
+  node = data
+  parts = key.strip().split(".")
+  for part in parts[:-1]:
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    node = child
+  node[parts[-1]] = value
+  return data
+
+
+def merge(base: dict, update: dict) -> dict:
+  """Recursive dict merge; `update` wins."""
+  out = dict(base)
+  for k, v in update.items():
+    out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+# ------------------------------------------------------------------------------------------ train config
+
+from jaxalign.algorithms.lora import LoraConfig  # noqa: E402
+from jaxalign.algorithms.step import OptimConfig  # noqa: E402
+from jaxalign.data.pipeline import DataConfig  # noqa: E402
+from jaxalign.models.config import ModelConfig  # noqa: E402
+from jaxalign.sharding import MeshConfig  # noqa: E402
+
+ALGORITHMS = ("sft", "reward", "preference")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """A registered loss (`jaxalign.losses.available()`) and its keyword hyper-parameters."""
+
+  name: str = "sft"
+  params: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+  """The frozen reference policy of reference-based losses."""
+
+  # "model": a frozen copy runs inside the step (the base weights under LoRA, so no copy);
+  # "precomputed": reference log-probs are computed once before training and cached with the data.
+  mode: Literal["model", "precomputed"] = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  every: int = 0  # steps between checkpoints (0: only at the end / on SIGTERM)
+  keep: int = 2  # checkpoints kept
+  resume: bool = True  # continue from the latest checkpoint in run_dir
+  export_hf: bool = True  # write the final model as an HF directory (run_dir/hf)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+  every: int = 10  # steps between metric rows
+  progress: bool = True  # console progress bar
+  tensorboard: bool = True  # TensorBoard events in run_dir/tensorboard
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training stage. `python -m jaxalign.train --help` lists every key."""
+
+  name: str = "train"
+  # sft | reward | preference (the direct family, chosen by loss.name)
+  algorithm: str = "sft"
+  loss: LossConfig = LossConfig()
+  # Architecture when training from scratch; with init_from only param_dtype / dtype apply.
+  model: ModelConfig = ModelConfig()
+  # HF model directory to start from ("@previous": the export of the previous stage).
+  init_from: str | None = None
+  # "builtin:digits", an HF directory, or a tokenizer.json; default: init_from's tokenizer.
+  tokenizer: str | None = None
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  lora: LoraConfig = LoraConfig()
+  reference: ReferenceConfig = ReferenceConfig()
+  steps: int = 100
+  eval_every: int = 0  # 0: evaluate only before and after training
+  eval_batches: int = 8
+  seed: int = 0
+  run_dir: str = "runs/default"
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  log: LogConfig = LogConfig()
+  # token_logprobs implementation: auto | xla | pallas | naive
+  logprob_impl: str = "auto"
+
+  def __post_init__(self):
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
+    if self.steps < 1:
+      raise ValueError("steps must be >= 1")
+
+
+def load_stages(data: dict, where: str = "config") -> list[TrainConfig]:
+  """TrainConfigs from a config mapping: either one stage, or `stages: [...]` merged over the rest."""
+  stages = data.pop("stages", None)
+  if stages is None:
+    return [from_dict(TrainConfig, data)]
+  if not isinstance(stages, list) or not stages:
+    raise ConfigError(f"{where}: 'stages' must be a non-empty list of stage mappings")
+  return [from_dict(TrainConfig, merge(data, stage)) for stage in stages]

@@ -1,0 +1,152 @@
+"""Datasets end to end: read -> parse -> tokenise -> deterministic, resumable batches."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+
+from jaxalign.data import batching, synthetic
+from jaxalign.data.formats import FORMATS, parse_records
+from jaxalign.data.readers import DataError, read_records
+from jaxalign.data.tokenize import Encoded, encode_example
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the data is, what format it has, and how it is tokenised and batched."""
+
+  # sft | preference | unpaired | ranked | prompt
+  format: str = "sft"
+  # Files or dataset directories; "synthetic:sort" is the built-in digit-sorting task.
+  train: tuple[str, ...] = ("synthetic:sort",)
+  # Held-out data; empty = hold out `eval_fraction` of train.
+  eval: tuple[str, ...] = ()
+  eval_fraction: float = 0.05
+  # Synthetic task sizes (train, eval) when train is synthetic.
+  synthetic_size: tuple[int, int] = (4000, 256)
+  # Total tokens per row (prompt + response) and the prompt's share; longer inputs are truncated.
+  max_length: int = 512
+  max_prompt_length: int = 256
+  # Padded lengths; empty = powers of two up to max_length.
+  buckets: tuple[int, ...] = ()
+  # Pack several SFT examples per row (segment ids keep them apart).
+  packing: bool = False
+  # Examples (or packed rows) per micro-batch; the optimiser step sees batch_size * grad_accum.
+  batch_size: int = 16
+  shuffle: bool = True
+  # Keep at most this many examples per split (0 = all).
+  limit: int = 0
+
+  def __post_init__(self):
+    if self.format not in FORMATS:
+      raise ValueError(f"data.format={self.format!r}; choose one of {FORMATS}")
+    if not self.train:
+      raise ValueError("data.train lists no data")
+    if self.max_prompt_length >= self.max_length:
+      raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+    if self.packing and self.format != "sft":
+      raise ValueError("data.packing applies to the sft format only")
+
+  @property
+  def bucket_lengths(self) -> tuple[int, ...]:
+    return tuple(sorted(self.buckets)) or batching.default_buckets(self.max_length)
+
+
+class Batches:
+  """Deterministic batches over encoded examples; the order depends only on the seed and epoch.
+
+  `state()` / `restore()` give the position (epoch, index) for checkpoints, so a resumed run sees
+  exactly the batches an uninterrupted one would have.
+  """
+
+  def __init__(self, examples: list[Encoded], cfg: DataConfig, seed: int, *, shuffle: bool | None = None):
+    if len(examples) < cfg.batch_size:
+      raise DataError(f"only {len(examples)} usable examples for a batch of {cfg.batch_size}")
+    self.examples, self.cfg, self.seed = examples, cfg, seed
+    self.shuffle = cfg.shuffle if shuffle is None else shuffle
+    self.epoch, self.index = 0, 0
+    self._order = self._permutation(0)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(len(self.examples))
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+
+  def state(self) -> dict[str, int]:
+    return {"epoch": self.epoch, "index": self.index}
+
+  def restore(self, state: dict) -> None:
+    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+    self._order = self._permutation(self.epoch)
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    cfg = self.cfg
+    if self.index + (1 if cfg.packing else cfg.batch_size) > len(self._order):
+      self.epoch, self.index = self.epoch + 1, 0
+      self._order = self._permutation(self.epoch)
+    chosen = [self.examples[i] for i in self._order[self.index:]]
+    if cfg.packing:
+      batch, used = batching.pack_rows(chosen, cfg.batch_size, cfg.max_length)
+    else:
+      chosen, used = chosen[:cfg.batch_size], cfg.batch_size
+      collate = {"sft": batching.collate_single, "prompt": batching.collate_single,
+                 "unpaired": batching.collate_unpaired}.get(cfg.format, batching.collate_multi)
+      batch = collate(chosen, cfg.bucket_lengths)
+    self.index += used
+    return batch
+
+  def epoch_batches(self) -> list[dict[str, np.ndarray]]:
+    """All full batches of one pass in order (for evaluation)."""
+    start = self.state()
+    self.restore({"epoch": 0, "index": 0})
+    n = len(self.examples) // self.cfg.batch_size
+    out = [next(self) for _ in range(max(n, 1))]
+    self.restore(start)
+    return out
+
+
+def _records(sources: tuple[str, ...], cfg: DataConfig, split: int, seed: int):
+  for source in sources:
+    if source.startswith("synthetic:"):
+      if source != "synthetic:sort":
+        raise DataError(f"unknown synthetic task {source!r}; available: synthetic:sort")
+      for i, record in enumerate(synthetic.sort_records(cfg.synthetic_size[split], seed + 7919 * split, cfg.format)):
+        yield record, f"{source}:{i}"
+    else:
+      yield from read_records(source)
+
+
+def load_split(sources: tuple[str, ...], cfg: DataConfig, tokenizer, split: int = 0, seed: int = 0):
+  """Parse and tokenise one split. Returns (encoded examples, counts of skipped/truncated)."""
+  examples, counts = parse_records(_records(sources, cfg, split, seed), cfg.format)
+  counts = collections.Counter({f"skipped: {k}": v for k, v in counts.items()})
+  encoded = [encode_example(tokenizer, e, cfg.max_length, cfg.max_prompt_length, counts) for e in examples]
+  if cfg.limit:
+    encoded = encoded[:cfg.limit]
+  return encoded, counts
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[Batches, Batches, collections.Counter]:
+  """Train and eval batch iterators, and the skip / truncation counts (also logged)."""
+  train, counts = load_split(cfg.train, cfg, tokenizer, 0, seed)
+  if cfg.eval:
+    held_out, eval_counts = load_split(cfg.eval, cfg, tokenizer, 1, seed)
+    counts.update({f"eval {k}": v for k, v in eval_counts.items()})
+  elif all(s.startswith("synthetic:") for s in cfg.train):
+    held_out, eval_counts = load_split(cfg.train, cfg, tokenizer, 1, seed)
+  else:
+    order = np.random.default_rng([seed, 12345]).permutation(len(train))
+    n_eval = max(cfg.batch_size, int(len(train) * cfg.eval_fraction))
+    held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+  for key, value in sorted(counts.items()):
+    log.info("data: %s: %d", key, value)
+  return Batches(train, cfg, seed), Batches(held_out, cfg, seed, shuffle=False), counts

@@ -1,0 +1,71 @@
+"""Tokenisation of examples: prompt through the chat template, responses + EOS, explicit truncation.
+
+Prompt and responses are tokenised separately and concatenated, so the prompt tokens are identical
+for every response of an example and the loss mask is exact (no token merges across the boundary).
+Truncation policy: a prompt longer than `max_prompt_length` keeps its last tokens (the generation
+prompt stays); a response keeps its first tokens up to `max_length` in total (it then has no EOS).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+from jaxalign.data.formats import Example, Prompt
+from jaxalign.data.readers import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """Token ids of one example: the prompt, and each response (EOS appended)."""
+
+  prompt: np.ndarray  # [P] int32
+  responses: tuple[np.ndarray, ...]  # each [R_i] int32
+  scores: tuple[float, ...] = ()
+  answer: str | None = None
+  ref_logps: tuple[float, ...] = ()  # cached reference log-probs of each response (reference.mode=precomputed)
+
+  @property
+  def length(self) -> int:
+    return len(self.prompt) + max((len(r) for r in self.responses), default=0)
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+  """Chat-template rendering for message lists; raw text (with BOS when distinct from EOS) otherwise."""
+  if isinstance(prompt, list):
+    if not getattr(tokenizer, "chat_template", None):
+      raise DataError("the data has chat messages but the tokenizer has no chat template")
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+  ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+  bos = tokenizer.bos_token_id
+  if bos is not None and bos != tokenizer.eos_token_id and (not ids or ids[0] != bos):
+    ids = [bos] + ids
+  return ids
+
+
+def encode_example(tokenizer, example: Example, max_length: int, max_prompt_length: int,
+                   counts: collections.Counter) -> Encoded:
+  """Tokenise and truncate one example (truncations are tallied in `counts`)."""
+  prompt = prompt_ids(tokenizer, example.prompt)
+  if len(prompt) > max_prompt_length:
+    prompt = prompt[-max_prompt_length:]
+    counts["prompt truncated"] += 1
+  budget = max_length - len(prompt)
+  responses = []
+  for text in example.responses:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(ids) > budget:
+      ids = ids[:budget]
+      counts["response truncated"] += 1
+    responses.append(np.asarray(ids, np.int32))
+  return Encoded(np.asarray(prompt, np.int32), tuple(responses), example.scores, example.answer)
+
+
+def check_vocab(tokenizer, vocab_size: int, where: str = "tokenizer") -> None:
+  """A tokenizer whose ids do not fit the model's embedding is a configuration error."""
+  if len(tokenizer) > vocab_size:
+    raise DataError(f"{where} has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+                    "use the model's own tokenizer or resize the model")

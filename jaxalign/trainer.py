@@ -1,0 +1,228 @@
+"""Builds a run from a TrainConfig and runs the loop: data -> step -> log -> eval -> checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.algorithms import lora as lora_lib
+from jaxalign.algorithms.forward import rows, sequence_logps
+from jaxalign.algorithms.objectives import Objective, objective_for
+from jaxalign.algorithms.step import StepFns, TrainState, make_eval_step, make_optimizer, make_train_step
+from jaxalign.checkpoint import Checkpointer
+from jaxalign.config import ConfigError, TrainConfig, to_dict
+from jaxalign.data import batching, synthetic
+from jaxalign.data.pipeline import Batches, build_datasets
+from jaxalign.data.tokenize import check_vocab
+from jaxalign.logging import MetricsLogger
+from jaxalign.models import CausalLM, ScalarModel, load_hf, load_tokenizer, save_hf
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (NaN loss, ...); the last good checkpoint is kept."""
+
+
+def build_tokenizer(cfg: TrainConfig):
+  source = cfg.tokenizer or cfg.init_from
+  if source in (None, "builtin:digits"):
+    return synthetic.digits_tokenizer()
+  path = pathlib.Path(source)
+  if path.suffix == ".json":
+    from transformers import PreTrainedTokenizerFast
+    if not path.exists():
+      raise ConfigError(f"tokenizer {path} does not exist")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    eos = tok.convert_ids_to_tokens(len(tok) - 1)  # GPT-2 style files end with their end-of-text token
+    tok.eos_token = tok.eos_token or eos
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+  return load_tokenizer(path)
+
+
+def build_params(cfg: TrainConfig, objective: Objective, mesh):
+  """(graphdef, params as a pure dict, their shardings, model config) for the policy being trained."""
+  model_cls = ScalarModel if objective.scalar_head else CausalLM
+  if cfg.init_from:
+    loaded, mcfg = load_hf(cfg.init_from, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules)
+    mcfg = mcfg.replace(dtype=cfg.model.dtype)
+    params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    if model_cls is ScalarModel and isinstance(loaded, CausalLM):  # reward model from an LM: fresh score head
+      head = sharding.create_sharded(lambda: ScalarModel(mcfg, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.mesh.rules)
+      params = {"model": params["model"], "score": nnx.to_pure_dict(nnx.state(head, nnx.Param))["score"]}
+  else:
+    mcfg = cfg.model
+    model = sharding.create_sharded(lambda: model_cls(mcfg, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.mesh.rules)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(mcfg, rngs=nnx.Rngs(0))))
+  shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, cfg.mesh.rules))
+  return graphdef, params, shardings, mcfg
+
+
+def stack_micro_batches(batches: list[dict]) -> dict:
+  """[A, ...] arrays from A micro-batches, padding the token axis to their longest."""
+  length = max(b["input_ids"].shape[-1] for b in batches)
+
+  def pad(key, x):
+    if not key.endswith(("input_ids", "loss_mask", "segment_ids")):
+      return x
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])])
+
+  return {k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
+
+
+def put_batch(batch: dict, mesh, rules, leading: int) -> dict:
+  """Device-put a batch with its example axis (after `leading` axes) over the batch mesh axes."""
+  def put(x):
+    names = (None,) * leading + ("batch",) + (None,) * (x.ndim - leading - 1)
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh, rules)))
+  return {k: put(v) for k, v in batch.items()}
+
+
+def precompute_reference(run: "Run", data: Batches) -> None:
+  """Cache each response's reference log-prob with the data (reference.mode=precomputed)."""
+  if run.objective.data_format == "unpaired":
+    raise ConfigError("reference.mode=precomputed does not apply to unpaired (KTO) data: its mismatched pairs "
+                      "depend on the batch; use reference.mode=model")
+  model = nnx.merge(run.fns.graphdef, run.frozen.get("reference", run.frozen.get("base", run.state.trainable)))
+  forward = nnx.jit(lambda m, b: sequence_logps(m, rows(b), impl=run.cfg.logprob_impl)[0])
+  size, examples = data.cfg.batch_size, data.examples
+  cached = []
+  for start in range(0, len(examples), size):
+    chunk = examples[start:start + size]
+    padded = chunk + [chunk[-1]] * (size - len(chunk))
+    batch = batching.collate_multi(padded, data.cfg.bucket_lengths)
+    values = np.asarray(forward(model, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0)))
+    cached.extend(values.reshape(size, -1)[:len(chunk)])
+  data.examples = [dataclasses.replace(e, ref_logps=tuple(map(float, v))) for e, v in zip(examples, cached)]
+
+
+@dataclasses.dataclass
+class Run:
+  cfg: TrainConfig
+  mesh: jax.sharding.Mesh
+  tokenizer: object
+  model_config: object
+  objective: Objective
+  fns: StepFns
+  state: TrainState
+  frozen: dict
+  train_data: Batches
+  eval_data: Batches
+
+
+def build_run(cfg: TrainConfig) -> Run:
+  sharding.initialize_distributed(cfg.mesh.distributed)
+  mesh = sharding.make_mesh(cfg.mesh)
+  objective = objective_for(cfg.algorithm, cfg.loss.name)
+  if objective.data_format != cfg.data.format:
+    raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
+                      f"but data.format={cfg.data.format}")
+  tokenizer = build_tokenizer(cfg)
+  graphdef, params, param_shardings, mcfg = build_params(cfg, objective, mesh)
+  check_vocab(tokenizer, mcfg.vocab_size, f"tokenizer {cfg.tokenizer or cfg.init_from or 'builtin:digits'}")
+  train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.seed)[:2]
+
+  key = jax.random.PRNGKey(cfg.seed)
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  frozen = {}
+  if cfg.lora.enabled:
+    adapter_sh = lora_lib.adapter_shardings(param_shardings, cfg.lora)
+    trainable = jax.device_put(lora_lib.init_adapters(params, cfg.lora, jax.random.fold_in(key, 1)), adapter_sh)
+    frozen["base"] = params
+  else:
+    trainable = params
+    if objective.uses_reference and cfg.reference.mode == "model":
+      frozen["reference"] = jax.tree.map(jnp.copy, params)
+  tx = make_optimizer(cfg.optim, cfg.steps)
+  with sharding.use_mesh(mesh, cfg.mesh.rules):
+    opt_state = jax.jit(tx.init)(trainable)
+  state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                     jax.device_put(key, replicated))
+  op = {"impl": cfg.logprob_impl}
+  fns = StepFns(graphdef, objective, tx, dict(cfg.loss.params), cfg.lora, op)
+  run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data)
+  if objective.uses_reference and cfg.reference.mode == "precomputed":
+    for data in (train_data, eval_data):
+      precompute_reference(run, data)
+  return run
+
+
+def evaluate(run: Run, eval_fn) -> dict[str, float]:
+  batches = run.eval_data.epoch_batches()[:run.cfg.eval_batches]
+  with sharding.use_mesh(run.mesh, run.cfg.mesh.rules):
+    rows_ = [jax.device_get(eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0), run.frozen))
+             for b in batches]
+  return {k: float(np.mean([r[k] for r in rows_])) for k in rows_[0]}
+
+
+def export(run: Run, path: pathlib.Path) -> pathlib.Path:
+  params = run.state.trainable
+  if run.cfg.lora.enabled:
+    params = lora_lib.merge(run.frozen["base"], params, run.cfg.lora)
+  return save_hf(nnx.merge(run.fns.graphdef, params), run.model_config, path, tokenizer=run.tokenizer)
+
+
+def train(cfg: TrainConfig) -> dict:
+  """Run one stage to cfg.steps; returns {"eval_before", "eval_after", "export"} (and resumes if asked)."""
+  run = build_run(cfg)
+  run_dir = pathlib.Path(cfg.run_dir)
+  ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
+  state_shardings = jax.tree.map(lambda x: x.sharding, run.state)
+  with sharding.use_mesh(run.mesh, cfg.mesh.rules):
+    train_step = jax.jit(make_train_step(run.fns), out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(run.fns))
+  if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+    run.state, meta = ckpt.restore(run.state)
+    run.train_data.restore(meta["data"])
+  start = int(run.state.step)
+  logger = MetricsLogger(run_dir, cfg.steps, start_step=start, progress=cfg.log.progress,
+                         tensorboard=cfg.log.tensorboard, description=cfg.name)
+  result = {"eval_before": evaluate(run, eval_fn) if start == 0 else None}
+  if result["eval_before"]:
+    logger.log(start, result["eval_before"], "eval")
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+
+  def meta():
+    return {"data": run.train_data.state(), "config": to_dict(cfg)}
+
+  step = start
+  try:
+    for step in range(start + 1, cfg.steps + 1):
+      micro = stack_micro_batches([next(run.train_data) for _ in range(cfg.optim.grad_accum)])
+      with sharding.use_mesh(run.mesh, cfg.mesh.rules):
+        run.state, metrics = train_step(run.state, put_batch(micro, run.mesh, cfg.mesh.rules, 1), run.frozen)
+      logger.advance()
+      if step % cfg.log.every == 0 or step == cfg.steps:
+        values = logger.log(step, metrics)
+        if not math.isfinite(values["loss"]):
+          raise TrainingError(f"step {step}: loss is {values['loss']}; last good checkpoint kept in {ckpt.directory}")
+      if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+        logger.log(step, evaluate(run, eval_fn), "eval")
+      ckpt.save(step, run.state, meta())
+      if stop["signal"] is not None:
+        ckpt.save(step, run.state, meta(), force=True)
+        raise SystemExit(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {ckpt.directory}")
+    ckpt.save(step, run.state, meta(), force=True)
+    result["eval_after"] = logger.log(step, evaluate(run, eval_fn), "eval")
+  except (KeyboardInterrupt, Exception) as error:
+    if not isinstance(error, TrainingError) and not any(x.is_deleted() for x in jax.tree.leaves(run.state)):
+      ckpt.save(int(run.state.step), run.state, meta(), force=True)
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    logger.close()
+    ckpt.close()
+  result["export"] = str(export(run, run_dir / "hf")) if cfg.checkpoint.export_hf else None
+  return result
