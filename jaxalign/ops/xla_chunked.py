@@ -1,0 +1,231 @@
+"""Chunked XLA token log-probs: online log-sum-exp forward, recomputing backward.
+
+Shape letters: N tokens, D model width, V vocab; n, v are the sizes of one chunk or tile.
+
+Every path works on tempered logits z = (hidden @ weight) / temperature, computed one
+[n, v] tile at a time, and keeps three float32 statistics per row:
+
+  lse  log sum_j exp(z_j)                     (log partition function)
+  ent  -sum_j p_j log p_j, p = softmax(z)     (entropy)
+  tz   z[target] if the target column lies in the tile, else 0
+
+Tiles over disjoint column ranges merge exactly (`merge_stats`), which is what the online
+log-sum-exp over vocab chunks, the Pallas kernels and the vocab-parallel op all use.
+
+The backward pass needs, per row, lse, ez = E_p[z] = lse - ent and two cotangent
+coefficients, and recomputes each tile's logits. With c_lp = g_lp * [target >= 0] / T and
+c_ent = g_ent / T, the gradient with respect to the raw logits x = hidden @ weight is
+
+  dx = c_lp * (onehot(target) - p) + c_ent * p * (ez - z),
+
+(d entropy / dz_k = p_k (E_p[z] - z_k)); dhidden = dx @ weight^T and dweight = hidden^T @ dx
+are accumulated in float32.
+"""
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Rows of the XLA path are processed this many at a time, vocab columns this many at a time:
+# one [1024, 4096] float32 tile is 16 MiB.
+TOKEN_CHUNK = 1024
+VOCAB_CHUNK = 4096
+
+
+class Rows(NamedTuple):
+  """Per-row inputs of the backward pass, each [N] float32."""
+  lse: jax.Array  # log partition function of the tempered logits
+  ez: jax.Array  # E_p[z] = lse - entropy
+  coef_lp: jax.Array  # g_logprob * [target >= 0] / temperature
+  coef_ent: jax.Array  # g_entropy / temperature
+
+
+def tile_stats(z, targets, *, with_entropy=True):
+  """(lse, ent, tz) of one tile of tempered logits.
+
+  Args:
+    z: [n, v] float32 tempered logits.
+    targets: [n] int, column index inside this tile (anything outside [0, v) is no hit).
+    with_entropy: if False, ent is returned as zeros.
+
+  Returns:
+    lse, ent, tz: each [n] float32.
+  """
+  m = jnp.max(z, axis=-1, keepdims=True)  # [n, 1]
+  e = jnp.exp(z - m)  # [n, v]
+  s = jnp.sum(e, axis=-1)  # [n]
+  lse = m[:, 0] + jnp.log(s)
+  if with_entropy:
+    ent = jnp.log(s) - jnp.sum(e * (z - m), axis=-1) / s
+  else:
+    ent = jnp.zeros_like(lse)
+  col = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  tz = jnp.sum(jnp.where(col == targets[:, None], z, 0.0), axis=-1)
+  return lse, ent, tz
+
+
+def merge_stats(a, b):
+  """Merges (lse, ent, tz) of two disjoint column ranges; an lse of -inf is the empty range.
+
+  The entropy of a mixture: H = sum_k w_k (H_k - log w_k) with w_k = exp(lse_k - lse).
+  """
+  lse_a, ent_a, tz_a = a
+  lse_b, ent_b, tz_b = b
+  lse = jnp.logaddexp(lse_a, lse_b)
+
+  def part(lse_k, ent_k):
+    log_w = lse_k - lse
+    return jnp.where(jnp.isfinite(log_w), jnp.exp(log_w) * (ent_k - log_w), 0.0)
+
+  return lse, part(lse_a, ent_a) + part(lse_b, ent_b), tz_a + tz_b
+
+
+def empty_stats(n):
+  """Statistics of an empty column range for n rows."""
+  return (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
+          jnp.zeros((n,), jnp.float32))
+
+
+def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
+                          with_ent=True, out_dtype=None):
+  """Gradient with respect to the raw logits hidden @ weight of one [n, v] tile (pure jnp).
+
+  Args:
+    hidden: [n, D]. weight: [D, v]. targets: [n] int, column inside this tile.
+    rows: `Rows` of [n] float32. with_lp / with_ent: include the log-prob / entropy term.
+    out_dtype: dtype of the result (default: hidden's dtype, the dtype of the matmuls).
+
+  Returns:
+    [n, v] gradient in out_dtype.
+  """
+  z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [n, v]
+  gz = grad_from_logits(z, targets, rows, with_lp=with_lp, with_ent=with_ent)
+  return gz.astype(out_dtype or hidden.dtype)
+
+
+def grad_from_logits(z, targets, rows, *, with_lp, with_ent):
+  """dx of one tile from its tempered logits z [n, v]; rows are [n] (or [n, 1]) float32."""
+  lse, ez, coef_lp, coef_ent = (r.reshape(-1, 1) for r in rows)
+  p = jnp.exp(z - lse)  # [n, v]
+  gz = jnp.zeros_like(z)
+  if with_lp:
+    col = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+    onehot = (col == targets.reshape(-1, 1)).astype(jnp.float32)
+    gz = gz + coef_lp * (onehot - p)
+  if with_ent:
+    gz = gz + coef_ent * p * (ez - z)
+  return gz
+
+
+def _pad_rows(x, n_pad, value=0):
+  return jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
+
+
+def forward(hidden, weight, targets, *, temperature, with_entropy=True,
+            token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
+  """(lse, ent, tz), each [N] float32, without materialising [N, V] logits.
+
+  Args:
+    hidden: [N, D]. weight: [D, V]. targets: [N] int column index (out of range: no hit).
+    temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    token_chunk, vocab_chunk: tile size; the live temporaries are a few [token_chunk,
+      vocab_chunk] float32 arrays.
+  """
+  n, d = hidden.shape
+  bn = min(token_chunk, n)
+  nt = -(-n // bn)
+  h = _pad_rows(hidden, nt * bn - n).reshape(nt, bn, d)  # [nt, bn, D]
+  t = _pad_rows(targets.astype(jnp.int32), nt * bn - n, -1).reshape(nt, bn)
+
+  def one_token_chunk(args):
+    h_c, t_c = args
+    inv_t = 1.0 / temperature
+
+    def tile(stats, col0, width):
+      w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
+      z = jnp.dot(h_c, w_c, preferred_element_type=jnp.float32) * inv_t  # [bn, width]
+      return merge_stats(stats, tile_stats(z, t_c - col0, with_entropy=with_entropy))
+
+    return _fold_vocab(tile, empty_stats(bn), weight.shape[1], vocab_chunk)
+
+  stats = lax.map(one_token_chunk, (h, t))  # 3 x [nt, bn]
+  return tuple(s.reshape(-1)[:n] for s in stats)
+
+
+def _fold_vocab(step, carry, v, vocab_chunk):
+  """carry = step(carry, col0, width) over consecutive column ranges covering [0, v)."""
+  cv = min(vocab_chunk, v)
+  n_full, tail = divmod(v, cv)
+  carry = lax.fori_loop(0, n_full, lambda i, c: step(c, i * cv, cv), carry)
+  if tail:
+    carry = step(carry, n_full * cv, tail)
+  return carry
+
+
+GradFn = Callable[..., jax.Array]  # (hidden [n, D], weight [D, v], targets [n], rows) -> [n, v]
+
+
+def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, need_dh=True,
+             need_dw=True, dh_dtype=None, dw_dtype=None, token_chunk=TOKEN_CHUNK,
+             vocab_chunk=VOCAB_CHUNK):
+  """dhidden [N, D] and dweight [D, V] (None where not needed), recomputing logits per tile.
+
+  The outer loop runs over vocab chunks, the inner one over token chunks; `grad_fn` gives
+  the tile's dx (e.g. `grad_logits_reference` or a Pallas kernel), and both matmuls with dx
+  accumulate in float32 (dhidden across vocab chunks, dweight across token chunks).
+
+  Args:
+    grad_fn: tile gradient, called as grad_fn(h [n, D], w [D, v], targets [n], rows).
+    hidden, weight, targets: as in `forward`. rows: `Rows` of [N] float32.
+    need_dh, need_dw: which gradients to compute.
+    dh_dtype, dw_dtype: result dtypes (default: the input's).
+    token_chunk, vocab_chunk: tile size.
+  """
+  n, d = hidden.shape
+  v = weight.shape[1]
+  bn = min(token_chunk, n)
+  nt = -(-n // bn)
+  pad = nt * bn - n
+  h = _pad_rows(hidden, pad).reshape(nt, bn, d)  # [nt, bn, D]
+  t = _pad_rows(targets.astype(jnp.int32), pad, -1).reshape(nt, bn)
+  r = Rows(*(_pad_rows(x, pad).reshape(nt, bn) for x in rows))  # padded rows: coef 0
+
+  def vocab_step(carry, col0, width):
+    dh, dw = carry
+    w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
+
+    def token_step(dw_c, xs):
+      h_t, t_t, r_t = xs
+      gz = grad_fn(h_t, w_c, t_t - col0, r_t)  # [bn, width]
+      dh_t = None
+      if need_dh:  # [bn, D]
+        dh_t = lax.dot_general(gz, w_c, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+      if need_dw:  # [D, width]
+        dw_c = dw_c + lax.dot_general(h_t, gz, (((0,), (0,)), ((), ())),
+                                      preferred_element_type=jnp.float32)
+      return dw_c, dh_t
+
+    dw_c0 = jnp.zeros((d, width), jnp.float32) if need_dw else None
+    dw_c, dh_parts = lax.scan(token_step, dw_c0, (h, t, r))
+    if need_dh:
+      dh = dh + dh_parts
+    if need_dw:
+      dw = lax.dynamic_update_slice_in_dim(dw, dw_c.astype(dw.dtype), col0, axis=1)
+    return dh, dw
+
+  dh0 = jnp.zeros((nt, bn, d), jnp.float32) if need_dh else None
+  dw0 = jnp.zeros((d, v), dw_dtype or weight.dtype) if need_dw else None
+  dh, dw = _fold_vocab(vocab_step, (dh0, dw0), v, vocab_chunk)
+  if need_dh:
+    dh = dh.reshape(nt * bn, d)[:n].astype(dh_dtype or hidden.dtype)
+  return dh, dw
+
+
+def xla_grad_fn(*, temperature, with_lp, with_ent):
+  """The jnp tile gradient used by the XLA path, in `backward`'s grad_fn form."""
+  return functools.partial(grad_logits_reference, temperature=temperature,
+                           with_lp=with_lp, with_ent=with_ent)

@@ -1,0 +1,127 @@
+"""token_logprobs: every impl against a float64 NumPy reference (values and both gradients)."""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.ops import token_logprobs
+
+ODD = (47, 33, 1003)  # N, D, V: nothing a multiple of a block
+MID = (300, 64, 9000)  # two full XLA vocab chunks and a tail; several kernel blocks
+# (max error / max |reference|) allowed: logp and entropy, gradients.
+TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-4, 1e-2)}
+
+
+def _run(impl, hidden, weight, targets, g_lp, g_ent, temperature, with_entropy):
+  """(outputs, (dh, dw)) of sum(g_lp * logp) [+ sum(g_ent * ent)], jitted."""
+
+  def loss(h, w):
+    out = token_logprobs(h, w, targets, temperature=temperature,
+                         return_entropy=with_entropy, impl=impl)
+    if with_entropy:
+      logp, ent = out
+      return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent), out
+    return jnp.sum(g_lp * out), (out,)
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+  grads, outs = grad(hidden, weight)
+  return outs, grads
+
+
+@pytest.mark.parametrize("impl", ["naive", "xla", "pallas", "pallas_gpu", "auto"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape,temperature,with_entropy",
+                         [(ODD, 0.7, True), (ODD, 1.0, False), (MID, 1.3, True)],
+                         ids=["odd-T0.7-ent", "odd-T1", "mid-T1.3-ent"])
+def test_matches_float64_reference(ref, impl, dtype, shape, temperature, with_entropy):
+  seed = zlib.crc32(f"{impl}{dtype.__name__}{shape}{temperature}".encode())
+  hidden, weight, targets, g_lp, g_ent = ref.make_inputs(seed, *shape, dtype)
+  if not with_entropy:
+    g_ent = jnp.zeros_like(g_ent)
+  outs, (dh, dw) = _run(impl, hidden, weight, targets, g_lp, g_ent, temperature,
+                        with_entropy)
+  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+  tol_out, tol_grad = TOL[dtype]
+  assert outs[0].dtype == jnp.float32 and outs[0].shape == (shape[0],)
+  assert ref.rel_err(outs[0], want["logp"]) < tol_out
+  assert np.all(np.asarray(outs[0])[np.asarray(targets) < 0] == 0.0)
+  if with_entropy:
+    assert outs[1].dtype == jnp.float32
+    assert ref.rel_err(outs[1], want["ent"]) < tol_out
+  assert dh.dtype == dtype and dw.dtype == dtype
+  assert ref.rel_err(dh, want["dh"]) < tol_grad
+  assert ref.rel_err(dw, want["dw"]) < tol_grad
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_entropy_only_and_hidden_only_gradients(ref, impl):
+  """Symbolic-zero paths: an unused log-prob cotangent, a weight that is not differentiated."""
+  hidden, weight, targets, g_lp, g_ent = ref.make_inputs(3, *ODD, jnp.float32)
+
+  def ent_loss(h):
+    _, ent = token_logprobs(h, weight, targets, temperature=0.9, return_entropy=True,
+                            impl=impl)
+    return jnp.sum(g_ent * ent)
+
+  dh = jax.jit(jax.grad(ent_loss))(hidden)
+  want = ref.reference(hidden, weight, targets, 0.9, jnp.zeros_like(g_lp), g_ent)
+  assert ref.rel_err(dh, want["dh"]) < 2e-5
+
+
+def test_reference_gradients_match_finite_differences(ref):
+  """The float64 reference's analytic gradients are right (central differences)."""
+  hidden, weight, targets, g_lp, g_ent = ref.make_inputs(5, 5, 4, 7, jnp.float32)
+  h, w = ref.as_f64(hidden), ref.as_f64(weight)
+  want = ref.reference(h, w, targets, 0.8, g_lp, g_ent)
+
+  def loss(h_, w_):
+    r = ref.reference(h_, w_, targets, 0.8, g_lp, g_ent)
+    return np.sum(ref.as_f64(g_lp) * r["logp"]) + np.sum(ref.as_f64(g_ent) * r["ent"])
+
+  eps = 1e-6
+  for name, x in (("dh", h), ("dw", w)):
+    num = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+      up, dn = x.copy(), x.copy()
+      up[idx] += eps
+      dn[idx] -= eps
+      args_up = (up, w) if name == "dh" else (h, up)
+      args_dn = (dn, w) if name == "dh" else (h, dn)
+      num[idx] = (loss(*args_up) - loss(*args_dn)) / (2 * eps)
+    np.testing.assert_allclose(want[name], num, rtol=1e-6, atol=1e-8)
+
+
+def test_ignored_targets_give_zero_and_no_gradient(ref):
+  hidden, weight, _, _, _ = ref.make_inputs(7, 16, 8, 50, jnp.float32)
+  targets = jnp.full((16,), -1)
+
+  def loss(h, w):
+    return jnp.sum(token_logprobs(h, w, targets, impl="xla"))
+
+  logp = token_logprobs(hidden, weight, targets, impl="xla")
+  dh, dw = jax.grad(loss, argnums=(0, 1))(hidden, weight)
+  assert np.all(np.asarray(logp) == 0.0)
+  assert not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(impl="fast"), "impl='fast'"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+])
+def test_bad_options_fail_with_one_line_errors(ref, kwargs, error):
+  hidden, weight, targets, _, _ = ref.make_inputs(0, 8, 4, 16, jnp.float32)
+  with pytest.raises(ValueError, match=error):
+    token_logprobs(hidden, weight, targets, **kwargs)
+
+
+def test_bad_shapes_and_traced_temperature_fail(ref):
+  hidden, weight, targets, _, _ = ref.make_inputs(0, 8, 4, 16, jnp.float32)
+  with pytest.raises(ValueError, match=r"hidden \[N, D\] and weight \[D, V\]"):
+    token_logprobs(hidden, weight.T, targets)
+  with pytest.raises(ValueError, match="targets must be integer"):
+    token_logprobs(hidden, weight, targets.astype(jnp.float32))
+  with pytest.raises(TypeError, match="temperature must be a Python number"):
+    jax.jit(lambda t: token_logprobs(hidden, weight, targets, temperature=t))(1.0)
