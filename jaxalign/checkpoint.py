@@ -33,7 +33,7 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> bool:
     """Save when the interval says so (or `force`); returns whether it saved."""
-    if not force and (not self.every or step % self.every):
+    if (not force and (not self.every or step % self.every)) or step in self.manager.all_steps():
       return False
     saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
                                                             meta=ocp.args.JsonSave(meta)), force=force)

@@ -92,6 +92,10 @@ def _as_tuple(axes) -> tuple[str, ...]:
 def make_mesh(config: MeshConfig = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes (so sharding constraints and GSPMD propagation apply)."""
   devices = list(devices if devices is not None else jax.devices())
+  sizes = (config.data, config.fsdp, config.tensor)
+  if -1 not in sizes and math.prod(sizes) < len(devices):
+    log.warning("mesh %s uses %d of %d devices", sizes, math.prod(sizes), len(devices))
+    devices = devices[:math.prod(sizes)]
   shape = config.shape(len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import logging
 import pathlib
 import sys
@@ -18,21 +19,7 @@ from jaxalign import losses
 from jaxalign.config import ALGORITHMS, ConfigError, TrainConfig, apply_override, load_stages, load_yaml
 from jaxalign.data.readers import DataError
 
-DEFAULT_RECIPE = {
-  "model": {"vocab_size": 32, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 4,
-            "num_kv_heads": 2, "max_position_embeddings": 64},
-  "tokenizer": "builtin:digits",
-  "data": {"train": ["synthetic:sort"], "max_length": 32, "max_prompt_length": 16, "batch_size": 32,
-           "synthetic_size": [6000, 256]},
-  "log": {"every": 25},
-  "stages": [
-    {"name": "sft", "algorithm": "sft", "loss": {"name": "sft"}, "data": {"format": "sft"}, "steps": 250,
-     "optim": {"lr": 3e-3, "warmup_steps": 50}, "run_dir": "runs/default/sft"},
-    {"name": "dpo", "algorithm": "preference", "loss": {"name": "dpo", "params": {"beta": 0.5}},
-     "data": {"format": "preference"}, "init_from": "@previous", "steps": 300,
-     "optim": {"lr": 5e-4, "warmup_steps": 20}, "run_dir": "runs/default/dpo"},
-  ],
-}
+DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "default.yaml"
 HEADLINE = ("loss", "nll_per_token", "policy_prefers_chosen", "rewards/accuracies", "accuracy", "rewards/margins")
 
 
@@ -57,7 +44,7 @@ def help_text() -> str:
 
 
 def parse_stages(config: str | None, overrides: list[str]) -> list[TrainConfig]:
-  data = load_yaml(config) if config else {**DEFAULT_RECIPE, "stages": [dict(s) for s in DEFAULT_RECIPE["stages"]]}
+  data = load_yaml(config or DEFAULT_RECIPE)
   stages = data.pop("stages", None)
   for override in overrides:
     head, _, rest = override.partition(".")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -38,16 +39,16 @@ def build_tokenizer(cfg: TrainConfig):
   if source in (None, "builtin:digits"):
     return synthetic.digits_tokenizer()
   path = pathlib.Path(source)
-  if path.suffix == ".json":
-    from transformers import PreTrainedTokenizerFast
-    if not path.exists():
-      raise ConfigError(f"tokenizer {path} does not exist")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
-    eos = tok.convert_ids_to_tokens(len(tok) - 1)  # GPT-2 style files end with their end-of-text token
-    tok.eos_token = tok.eos_token or eos
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-  return load_tokenizer(path)
+  if path.suffix != ".json":
+    return load_tokenizer(path)
+  if not path.exists():
+    raise ConfigError(f"tokenizer {path} does not exist")
+  from transformers import PreTrainedTokenizerFast
+  special = [t["content"] for t in json.loads(path.read_text())["added_tokens"] if t.get("special")]
+  if len(special) != 1:
+    raise ConfigError(f"tokenizer {path}: a bare tokenizer.json must have exactly one special token (its "
+                      f"end-of-text), found {special}; use an HF directory with tokenizer_config.json")
+  return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=special[0], pad_token=special[0])
 
 
 def build_params(cfg: TrainConfig, objective: Objective, mesh):

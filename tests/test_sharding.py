@@ -96,6 +96,7 @@ def test_mesh_config_shapes_and_errors():
   assert sharding.MeshConfig().shape(8) == (1, 8, 1)
   with pytest.raises(ValueError, match="needs 12 devices"):
     sharding.MeshConfig(data=3, fsdp=2, tensor=2).shape(8)
+  assert sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1)).size == 1
   with pytest.raises(ValueError, match="at most one -1"):
     sharding.MeshConfig(data=-1, fsdp=-1)
   with pytest.raises(ValueError, match="mesh axis 'model'"):

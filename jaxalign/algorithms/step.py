@@ -112,7 +112,7 @@ def make_train_step(fns: StepFns):
     metrics["loss"] = jnp.sum(per_micro["loss"])  # shares sum to the step loss
     updates, opt_state = fns.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)
     return TrainState(trainable, opt_state, state.step + 1, rng), metrics
 

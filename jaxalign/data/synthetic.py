@@ -52,7 +52,8 @@ def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3
   """`num` records of the digit-sorting task.
 
   kind: "sft" (messages + completion), "preference" (prompt/chosen/rejected), "unpaired" (KTO:
-  completion + label), "prompt" (prompt only, with the gold answer for rule rewards).
+  completion + label), "ranked" (the answer and two near misses, scores 2/1/0), "prompt" (prompt
+  only, with the gold answer for rule rewards).
   """
   rng = np.random.default_rng(seed)
   records = []
@@ -68,6 +69,12 @@ def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3
       good = bool(rng.integers(2))
       completion = answer if good else _near_miss(answer, rng)
       records.append({"prompt": prompt, "completion": _text(completion), "label": good})
+    elif kind == "ranked":
+      misses = [_near_miss(answer, rng) for _ in range(2)]
+      if misses[0] == misses[1]:
+        misses[1] = misses[1][:-1] if len(misses[1]) > 1 else misses[1] + [9]
+      records.append({"prompt": prompt, "responses": [_text(answer)] + [_text(m) for m in misses],
+                      "scores": [2.0, 1.0, 0.0]})
     elif kind == "prompt":
       records.append({"prompt": prompt, "answer": _text(answer)})
     else:

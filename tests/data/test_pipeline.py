@@ -1,0 +1,115 @@
+"""Readers, formats, tokenisation and batching, on synthetic and on the real shared data."""
+
+import collections
+import gzip
+import json
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jaxalign.data import DataError, build_datasets, digits_tokenizer, parse_records, read_records
+from jaxalign.data.batching import pack_rows
+from jaxalign.data.formats import split_hh_dialogues
+from jaxalign.data.pipeline import Batches, DataConfig, load_split
+from jaxalign.data.tokenize import encode_example
+
+RECORDS = [{"prompt": [{"role": "user", "content": f"sort : {i} 1"}], "chosen": "1 2", "rejected": "2 1"}
+           for i in range(5)]
+
+
+def test_readers_agree_across_formats(tmp_path):
+  (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+  with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+    f.writelines(json.dumps(r) + "\n" for r in RECORDS)
+  pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "a.parquet")
+  for name in ("a.jsonl", "a.jsonl.gz", "a.parquet"):
+    assert [r for r, _ in read_records(str(tmp_path / name))] == RECORDS, name
+
+
+def test_hf_save_to_disk_directory(tmp_path):
+  datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "ds"))
+  assert [r for r, _ in read_records(str(tmp_path / "ds"))] == RECORDS
+
+
+def test_malformed_line_and_missing_field_name_file_and_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+  with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
+    list(read_records(str(path)))
+  path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"prompt": "x", "chosen": "y"}) + "\n")
+  with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'rejected'"):
+    parse_records(read_records(str(path)), "preference")
+
+
+def test_identical_pairs_and_empty_responses_are_counted_and_skipped():
+  records = [(dict(RECORDS[0], rejected="1 2"), "x:1"), (dict(RECORDS[1], chosen=" "), "x:2"), (RECORDS[2], "x:3")]
+  examples, skipped = parse_records(records, "preference")
+  assert len(examples) == 1 and skipped == {"identical responses": 1, "empty response": 1}
+
+
+def test_hh_rlhf_split_on_the_real_data(data_dir):
+  counts = collections.Counter()
+  path = data_dir / "hh_rlhf/helpful-rejection-sampled/test.jsonl.gz"
+  examples, skipped = parse_records(read_records(str(path)), "preference")
+  assert skipped["identical responses"] == 32  # the data README's count
+  for e in examples:
+    assert e.prompt.endswith("\n\nAssistant:") and e.responses[0] != e.responses[1]
+  assert len(examples) + sum(skipped.values()) == 2749
+  # the longest-common-prefix split differs from a naive rfind in some records
+  naive = sum(r["chosen"].rfind("\n\nAssistant:") != len(split_hh_dialogues(r["chosen"], r["rejected"])[0]) - 12
+              for r, _ in read_records(str(path)) if r["chosen"] != r["rejected"])
+  assert naive >= 1
+  del counts
+
+
+def test_prompt_tokens_are_shared_and_mask_covers_response_and_eos():
+  tok = digits_tokenizer()
+  examples, _ = parse_records([(RECORDS[0], "x")], "preference")
+  enc = encode_example(tok, examples[0], 32, 16, collections.Counter())
+  assert enc.responses[0][-1] == tok.eos_token_id and enc.responses[1][-1] == tok.eos_token_id
+  assert tok.convert_ids_to_tokens(enc.prompt.tolist()) == ["<bos>", "<user>", "sort", ":", "0", "1", "<assistant>"]
+
+
+def test_truncation_keeps_prompt_end_and_counts():
+  tok = digits_tokenizer()
+  counts = collections.Counter()
+  long = parse_records([({"prompt": "sort : " + " ".join("7" * 30), "completion": " ".join("1" * 30)}, "x")], "sft")
+  enc = encode_example(tok, long[0][0], 24, 8, counts)
+  assert len(enc.prompt) == 8 and len(enc.prompt) + len(enc.responses[0]) == 24
+  assert counts == {"prompt truncated": 1, "response truncated": 1}
+
+
+def test_packing_keeps_documents_apart():
+  tok = digits_tokenizer()
+  cfg = DataConfig(format="sft", max_length=32, max_prompt_length=16, batch_size=2)
+  examples, _ = load_split(("synthetic:sort",), cfg, tok)
+  batch, used = pack_rows(examples, 2, 32)
+  assert used > 2  # several documents per row
+  seg, mask = batch["segment_ids"], batch["loss_mask"]
+  assert seg.shape == (2, 32) and seg.max() > 1
+  assert np.all(mask[seg == 0] == 0)
+
+
+def test_batches_are_deterministic_and_resumable():
+  tok = digits_tokenizer()
+  cfg = DataConfig(format="preference", max_length=32, max_prompt_length=16, batch_size=8,
+                   synthetic_size=(40, 8))
+  train, _, _ = build_datasets(cfg, tok, seed=1)
+  first = [next(train) for _ in range(3)]
+  state = train.state()
+  rest = [next(train) for _ in range(7)]  # crosses an epoch boundary (40 / 8 = 5 batches)
+  again, _, _ = build_datasets(cfg, tok, seed=1)
+  again.restore(state)
+  for a, b in zip(rest, [next(again) for _ in range(7)]):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+  fresh, _, _ = build_datasets(cfg, tok, seed=1)
+  np.testing.assert_array_equal(next(fresh)["input_ids"], first[0]["input_ids"])
+  assert first[0]["input_ids"].shape == (8, 2, 32)
+
+
+def test_too_few_examples_is_an_error():
+  with pytest.raises(DataError, match="only 3 usable examples"):
+    Batches([None] * 3, DataConfig(batch_size=4), 0)

@@ -1,0 +1,30 @@
+"""Tiny stage configs for training tests."""
+
+import pytest
+
+from jaxalign.config import TrainConfig, from_dict
+
+TINY_MODEL = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+              "num_kv_heads": 2, "max_position_embeddings": 32}
+
+
+def tiny_stage(tmp_path, **overrides) -> TrainConfig:
+  base = {
+    "model": TINY_MODEL, "tokenizer": "builtin:digits", "steps": 4, "run_dir": str(tmp_path / "run"),
+    "data": {"train": ["synthetic:sort"], "max_length": 32, "max_prompt_length": 16, "batch_size": 8,
+             "synthetic_size": [64, 16], "format": "sft"},
+    "optim": {"lr": 3e-3}, "log": {"every": 1, "progress": False, "tensorboard": False},
+    "checkpoint": {"export_hf": False}, "eval_batches": 2,
+  }
+  for key, value in overrides.items():
+    node = base
+    *parents, leaf = key.split("__")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return from_dict(TrainConfig, base)
+
+
+@pytest.fixture
+def stage(tmp_path):
+  return lambda **kw: tiny_stage(tmp_path, **kw)
