@@ -112,12 +112,12 @@ def list_counts(batch):
 
 
 def unpaired_stats(policy, reference, batch, **op):
-  s, n, s_ref = _policy_and_reference(policy, reference, batch, **op)
+  s, _, s_ref = _policy_and_reference(policy, reference, batch, **op)
   kl, _, kl_ref = _policy_and_reference(policy, reference, batch, prefix="kl_", **op)
   if s_ref is None and "ref_logps" in batch:
     s_ref, kl_ref = batch["ref_logps"], batch["kl_ref_logps"]
   return losses.UnpairedStats(policy=s, ref=s_ref, desirable=batch["label"], kl_policy=jax.lax.stop_gradient(kl),
-                              kl_ref=kl_ref, n=n)
+                              kl_ref=kl_ref)
 
 
 def unpaired_counts(batch):
