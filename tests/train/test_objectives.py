@@ -76,3 +76,31 @@ def test_precomputed_reference_matches_reference_model(stage):
     results.append(run_steps(cfg, steps=2)[1])
   np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-5)
   np.testing.assert_allclose(results[1]["rewards/margins"], results[0]["rewards/margins"], rtol=1e-4, atol=1e-6)
+
+
+def test_lora_export_folds_adapters_into_the_weights(stage, tmp_path):
+  from flax import nnx
+
+  from jaxalign.algorithms import lora
+  from jaxalign.models import load_hf
+  from jaxalign.trainer import export
+
+  cfg = stage(algorithm="sft", loss__name="sft", lora__rank=2, lora__targets=["q_proj", "down_proj"])
+  run = build_run(cfg)
+  step = jax.jit(make_train_step(run.fns))
+  micro = stack_micro_batches([next(run.train_data)])
+  run.state, _ = step(run.state, put_batch(micro, run.mesh, cfg.mesh.rules, 1), run.frozen)
+  loaded, _ = load_hf(export(run, tmp_path / "hf"))
+  merged = nnx.merge(run.fns.graphdef, lora.merge(run.frozen["base"], run.state.trainable, cfg.lora))
+  base = nnx.merge(run.fns.graphdef, run.frozen["base"])
+  ids = micro["input_ids"][0]
+  np.testing.assert_allclose(loaded(ids), merged(ids), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(loaded(ids), base(ids), atol=1e-4)  # the adapters changed the exported model
+
+
+def test_bf16_compute_with_float32_master_weights_trains(stage):
+  cfg = stage(algorithm="sft", loss__name="sft", model__param_dtype="float32", model__dtype="bfloat16")
+  before, after, moved = run_steps(cfg)
+  assert_trains(before, after, moved)
+  run = build_run(cfg)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(run.state.trainable))
