@@ -93,7 +93,7 @@ def _decode(value):
 def read_records(source: str) -> Iterator[Record]:
   """Records from a file or dataset directory, chosen by extension / directory contents.
 
-  A TFDS split is selected with `path:split` (default train).
+  A TFDS split is selected with `path::split` (default train).
   """
   spec, _, split = source.partition("::")
   path = pathlib.Path(spec)
