@@ -1,7 +1,8 @@
 """TFDS datasets prepared on disk are read through tensorflow-datasets' array_record source, without TensorFlow.
 
-TensorFlow (a test-only dependency) writes the fixture; the reader then runs in a fresh interpreter whose
-import path holds every installed package except TensorFlow.
+TensorFlow (a test-only dependency) writes the fixture in a subprocess (loading it beside torch and jaxlib in
+one test process crashes at import); the reader then runs in a fresh interpreter whose import path holds
+every installed package except TensorFlow.
 """
 
 import json
@@ -10,10 +11,18 @@ import site
 import subprocess
 import sys
 
+ROWS = {"prompt": [f"question {i}" for i in range(6)], "completion": [f"answer {i}" for i in range(6)]}
+
+WRITER = """
+import json, sys
 import tensorflow as tf
 import tensorflow_datasets as tfds
-
-ROWS = {"prompt": [f"question {i}" for i in range(6)], "completion": [f"answer {i}" for i in range(6)]}
+rows = json.loads(sys.argv[2])
+features = tfds.features.FeaturesDict({"prompt": tfds.features.Text(), "completion": tfds.features.Text()})
+tfds.dataset_builders.store_as_tfds_dataset(
+  name="toy_sft", version="1.0.0", features=features, split_datasets={"train": tf.data.Dataset.from_tensor_slices(rows)},
+  data_dir=sys.argv[1], file_format="array_record")
+"""
 
 READER = """
 import json, sys
@@ -42,10 +51,9 @@ def site_without_tensorflow(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 def test_tfds_prepared_dataset_reads_without_tensorflow(tmp_path):
-  features = tfds.features.FeaturesDict({"prompt": tfds.features.Text(), "completion": tfds.features.Text()})
-  tfds.dataset_builders.store_as_tfds_dataset(
-    name="toy_sft", version="1.0.0", features=features, split_datasets={"train": tf.data.Dataset.from_tensor_slices(ROWS)},
-    data_dir=str(tmp_path / "tfds"), file_format="array_record")
+  written = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path / "tfds"), json.dumps(ROWS)],
+                           capture_output=True, text=True, timeout=300)
+  assert written.returncode == 0, written.stderr[-3000:]
   dataset_dir = tmp_path / "tfds/toy_sft/1.0.0"
   repo = pathlib.Path(__file__).parents[2]
   env = {"PYTHONPATH": f"{repo}:{site_without_tensorflow(tmp_path)}", "PATH": "/usr/bin:/bin"}
