@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import sharding
-from jaxalign.models.attention import Attention, causal_segment_mask
+from jaxalign.models.attention import Attention, LayerCache, cache_mask, causal_segment_mask
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Dense, Embed, RMSNorm
 from jaxalign.models.rope import inverse_frequencies, rotary_tables
@@ -45,6 +45,13 @@ class Block(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
+  def decode(self, x, cos, sin, mask, cache: LayerCache, index) -> tuple[LayerCache, jax.Array]:
+    """The block with a KV cache (see `Attention.decode`). Returns (new_cache, x [B, T, D])."""
+    cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return cache, sharding.constrain(x, ("batch", "seq", "act_embed"))
+
 
 def default_positions(segment_ids: jax.Array) -> jax.Array:
   """Position ids [B, T] that count from 0 at each segment's first token (padding gets 0).
@@ -56,6 +63,27 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
   starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
   start_index = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
   return jnp.where(segment_ids != 0, t - start_index, 0)
+
+
+# The decoder's KV cache, a pytree passed in and returned by `decode` (never module state):
+#   "index":     [] int32, the next cache slot to write (all rows write the same slots);
+#   "positions": [B, S] int32, the position id of the token in each slot;
+#   "valid":     [B, S] bool, whether the slot holds a real token (False: empty or padding);
+#   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, S, K, H]) per layer.
+Cache = dict
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+  """An empty cache for `batch` rows of up to `max_len` (S) tokens; dtype defaults to cfg.dtype."""
+  dtype = cfg.compute_dtype if dtype is None else dtype
+  kv = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_size), dtype)  # [B, S, K, H]
+  kv = sharding.constrain(kv, ("batch", "seq", "kv_heads", "head_dim"))
+  return {
+    "index": jnp.zeros((), jnp.int32),
+    "positions": jnp.zeros((batch, max_len), jnp.int32),
+    "valid": jnp.zeros((batch, max_len), bool),
+    "layers": tuple({"k": kv, "v": kv} for _ in range(cfg.num_layers)),
+  }
 
 
 class Decoder(nnx.Module):
@@ -82,13 +110,47 @@ class Decoder(nnx.Module):
     windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
     masks = {w: causal_segment_mask(segment_ids, w) for w in windows}
 
-    x = self.embed_tokens(input_ids)  # [B, T, D]
-    if cfg.scale_embeddings:
-      x = x * jnp.asarray(cfg.hidden_size**0.5, x.dtype)
-    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+    x = self._embed(input_ids)
     for i, layer in enumerate(self.layers):
       x = layer(x, cos, sin, masks[cfg.layer_window(i)])
     return self.norm(x)
+
+  def decode(self, input_ids: jax.Array, positions: jax.Array, cache: Cache,
+             segment_ids: jax.Array | None = None) -> tuple[Cache, jax.Array]:
+    """Run T new tokens against the cache and append them at slots [index, index + T).
+
+    input_ids, positions [B, T]; segment_ids [B, T] (0 = padding, not attended to later; default all
+    real). A prefill passes the whole left-padded prompt; each decode step passes T = 1.
+    Returns (new_cache, final-norm hidden states [B, T, D]).
+    """
+    cfg = self.config
+    index = cache["index"]
+    valid = jnp.ones_like(input_ids, bool) if segment_ids is None else segment_ids != 0
+    k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
+    k_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+    cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
+    masks = {w: cache_mask(positions, k_positions, k_valid, w) for w in windows}  # [B, T, S] each
+
+    x = self._embed(input_ids)
+    layer_caches = []
+    for i, layer in enumerate(self.layers):
+      layer_cache, x = layer.decode(x, cos, sin, masks[cfg.layer_window(i)], cache["layers"][i], index)
+      layer_caches.append(layer_cache)
+    new_cache = {
+      "index": index + input_ids.shape[1],
+      "positions": sharding.constrain(k_positions, ("batch", "seq")),
+      "valid": sharding.constrain(k_valid, ("batch", "seq")),
+      "layers": tuple(layer_caches),
+    }
+    return new_cache, self.norm(x)
+
+  def _embed(self, input_ids: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, D] (scaled by sqrt(D) for Gemma)."""
+    x = self.embed_tokens(input_ids)  # [B, T, D]
+    if self.config.scale_embeddings:
+      x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
 
 class CausalLM(nnx.Module):
@@ -104,6 +166,17 @@ class CausalLM(nnx.Module):
   def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
     """Final-norm hidden states [B, T, D]."""
     return self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty KV cache for `decode` (see `Cache`): `batch` rows, `max_len` slots."""
+    return init_cache(self.config, batch, max_len, dtype)
+
+  def decode(self, input_ids, positions, cache: Cache, *, segment_ids=None) -> tuple[Cache, jax.Array]:
+    """Cached forward (prefill or one decode step): (new_cache, final-norm hidden [B, T, D]).
+
+    Logits for sampling are `self.logits(hidden)`; see `Decoder.decode` for the arguments.
+    """
+    return self.model.decode(input_ids, positions, cache, segment_ids)
 
   def head_weight(self) -> jax.Array:
     """The LM head as a [D, V] matrix (the transposed embedding when tied)."""

@@ -1,0 +1,230 @@
+"""Jitted sampling with a KV cache: prefill the left-padded prompts, then decode in a `lax.while_loop`.
+
+Shape letters: B rows, P prompt length, N new tokens, V vocab, D width.
+
+`generate` is a pure function of (model, prompts, key, static config): call it inside `jax.jit` /
+`nnx.jit` with the model's params traced (and sharded, under `jaxalign.sharding.use_mesh`).
+`generate_text` wraps it for notebooks and eval: chat template, left padding, decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.models.decoder import default_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample completions (hashable: jit treats it as static)."""
+
+  # N, the number of new tokens per row (static: it sizes the cache and the outputs).
+  max_new_tokens: int = 32
+  # Logits are divided by it before sampling; 0.0 means greedy (argmax).
+  temperature: float = 1.0
+  # Sample only among the k most likely tokens; 0 = off.
+  top_k: int = 0
+  # Nucleus sampling: the smallest set of tokens whose probability reaches top_p; 1.0 = off.
+  top_p: float = 1.0
+  # A row stops at its first sampled token in this id (or set of ids).
+  eos_token_id: int | tuple[int, ...] = 2
+  # Written in place of tokens after a row's EOS.
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    return self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,)
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+class Rollout(NamedTuple):
+  """Sampled completions of a batch of prompts."""
+
+  prompt_ids: jax.Array  # [B, P] int32, left-padded (as given)
+  prompt_mask: jax.Array  # [B, P] int32
+  tokens: jax.Array  # [B, N] int32 completion tokens (pad_token_id after EOS)
+  mask: jax.Array  # [B, N] int32: 1 for generated tokens up to and including the first EOS
+  logprobs: jax.Array  # [B, N] float32 log-prob under softmax(logits / T) (T = 1 when greedy); 0 off mask
+  finished: jax.Array  # [B] bool: the row emitted EOS within N tokens
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """Logits [B, V] with all but the k largest per row set to -inf (ties with the k-th are kept)."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][:, -1:]  # [B, 1]
+  return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+  """Nucleus filter (Holtzman et al. 2020, arXiv:1904.09751, Eq. (2)): keep the smallest set of most
+  likely tokens whose total probability under softmax(logits) is >= p; the rest become -inf.
+
+  logits [B, V] (may hold -inf). The most likely token is always kept.
+  """
+  if p >= 1.0:
+    return logits
+  sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+  keep = mass_before < p  # [B, V] sorted order; a prefix that reaches p with its last token
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+  return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """One token per row from float32 logits [B, V], and its log-prob under softmax(logits / T).
+
+  Top-k then top-p restrict what is sampled (after the temperature, as in HF), but the returned
+  log-prob is under the full tempered distribution, the one the training path recomputes.
+  Returns (tokens [B] int32, logprobs [B] float32).
+  """
+  logits = logits.astype(jnp.float32)
+  if cfg.greedy:
+    scaled = logits
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    scaled = logits / cfg.temperature
+    filtered = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
+    token = jax.random.categorical(key, filtered, axis=-1)
+  logps = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
+  logp = jnp.take_along_axis(logps, token[:, None], axis=-1)[:, 0]
+  return token.astype(jnp.int32), logp
+
+
+class _Out(NamedTuple):
+  """The loop's outputs so far (see `Rollout`) and which rows are done."""
+
+  tokens: jax.Array  # [B, N]
+  mask: jax.Array  # [B, N]
+  logprobs: jax.Array  # [B, N]
+  done: jax.Array  # [B]
+
+
+def _emit(out: _Out, logits: jax.Array, i: jax.Array, key: jax.Array, cfg: SamplingConfig) -> _Out:
+  """Sample completion token i of every row from logits [B, V]; rows already done write padding."""
+  token, logp = sample_token(logits, key, cfg)
+  live = ~out.done
+  token = jnp.where(live, token, cfg.pad_token_id)
+  is_eos = jnp.isin(token, jnp.asarray(cfg.eos_ids, jnp.int32))
+  return _Out(
+    tokens=out.tokens.at[:, i].set(token),
+    mask=out.mask.at[:, i].set(live.astype(jnp.int32)),
+    logprobs=out.logprobs.at[:, i].set(jnp.where(live, logp, 0.0)),
+    done=out.done | (live & is_eos),
+  )
+
+
+def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
+             cfg: SamplingConfig) -> Rollout:
+  """Sample up to N = cfg.max_new_tokens tokens per left-padded prompt, with a KV cache.
+
+  model: a `jaxalign.models.CausalLM`. prompt_ids, prompt_mask [B, P] (left-padded; every row needs
+  at least one real token). key: a PRNG key (unused when greedy). Positions are cumsum(mask) - 1 in
+  the prompt and continue +1 per generated token. The loop stops early once every row has emitted
+  EOS. Returns a `Rollout`.
+  """
+  b, p = prompt_ids.shape
+  n = cfg.max_new_tokens
+  prompt_ids, prompt_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
+  step_keys = jax.random.split(key, n)
+  # Prefill: the whole prompt in one call; token 0 is sampled from the last (always real) slot.
+  cache = model.init_cache(b, p + n - 1)
+  cache, hidden = model.decode(prompt_ids, default_positions(prompt_mask), cache, segment_ids=prompt_mask)
+  first_position = jnp.sum(prompt_mask, axis=1)  # [B] position of completion token 0
+
+  def row_sharded(x):
+    return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+  out = _Out(tokens=row_sharded(jnp.full((b, n), cfg.pad_token_id, jnp.int32)),
+             mask=row_sharded(jnp.zeros((b, n), jnp.int32)),
+             logprobs=row_sharded(jnp.zeros((b, n), jnp.float32)),
+             done=row_sharded(jnp.zeros((b,), bool)))
+  out = _emit(out, model.logits(hidden[:, -1]), 0, step_keys[0], cfg)
+
+  def keep_going(carry):
+    i, _, out = carry
+    return (i < n) & ~jnp.all(out.done)
+
+  def step(carry):
+    i, cache, out = carry
+    previous = jax.lax.dynamic_slice_in_dim(out.tokens, i - 1, 1, axis=1)  # [B, 1]
+    positions = (first_position + i - 1)[:, None]  # [B, 1]
+    cache, hidden = model.decode(previous, positions, cache)
+    out = _emit(out, model.logits(hidden[:, 0]), i, step_keys[i], cfg)
+    return i + 1, cache, jax.tree.map(row_sharded, out)
+
+  _, _, out = jax.lax.while_loop(keep_going, step, (jnp.int32(1), cache, out))
+  return Rollout(prompt_ids, prompt_mask, out.tokens, out.mask, out.logprobs, out.done)
+
+
+_generate_jit = nnx.jit(generate, static_argnames="cfg")
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token lists to `length` (default: the longest). Returns ids, mask [B, P] int32."""
+  length = max(len(s) for s in sequences) if length is None else length
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for row, seq in enumerate(sequences):
+    if seq:
+      ids[row, -len(seq):], mask[row, -len(seq):] = seq, 1
+  return ids, mask
+
+
+def _bucket(length: int) -> int:
+  """Padded prompt length: the next power of two >= 16, so few shapes get compiled."""
+  return max(16, 2 ** math.ceil(math.log2(max(length, 1))))
+
+
+def generate_text(model, tokenizer, prompts: list, *, key: jax.Array | None = None,
+                  cfg: SamplingConfig | None = None, batch_size: int | None = None) -> list[str]:
+  """Completions (text up to the first EOS) for raw-text or chat-message prompts.
+
+  Prompts go through `jaxalign.data.tokenize.prompt_ids` (chat template for message lists). cfg
+  defaults to `SamplingConfig` with the tokenizer's EOS and pad ids; key defaults to key(0).
+  Batches of `batch_size` (default: all prompts) run one jitted `generate` each.
+  """
+  from jaxalign.data.tokenize import prompt_ids  # data imports tokenizer helpers; keep models light
+
+  if cfg is None:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cfg = SamplingConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+  key = jax.random.key(0) if key is None else key
+  encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
+  batch_size = batch_size or len(encoded)
+  texts = []
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # fill the last batch: one compiled shape
+    ids, mask = left_pad(rows, cfg.pad_token_id, _bucket(max(len(r) for r in encoded)))
+    rollout = jax.device_get(_generate_jit(model, ids, mask, jax.random.fold_in(key, start), cfg))
+    for row in range(len(chunk)):
+      completion = rollout.tokens[row][rollout.mask[row] == 1]
+      if rollout.finished[row]:
+        completion = completion[:-1]
+      texts.append(tokenizer.decode(completion.tolist(), skip_special_tokens=True))
+  return texts
