@@ -159,12 +159,14 @@ def merge(base: dict, update: dict) -> dict:
 # ------------------------------------------------------------------------------------------ train config
 
 from jaxalign.algorithms.lora import LoraConfig  # noqa: E402
+from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS  # noqa: E402
+from jaxalign.algorithms.online import RLConfig  # noqa: E402
 from jaxalign.algorithms.step import OptimConfig  # noqa: E402
 from jaxalign.data.pipeline import DataConfig  # noqa: E402
 from jaxalign.models.config import ModelConfig  # noqa: E402
 from jaxalign.sharding import MeshConfig  # noqa: E402
 
-ALGORITHMS = ("sft", "reward", "preference")
+ALGORITHMS = ("sft", "reward", "preference", *ONLINE_ALGORITHMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +206,9 @@ class TrainConfig:
   """One training stage. `python -m jaxalign.train --help` lists every key."""
 
   name: str = "train"
-  # sft | reward | preference (the direct family, chosen by loss.name)
+  # sft | reward | preference (the direct family, chosen by loss.name) | an online algorithm (ppo, grpo,
+  # dr_grpo, dapo, gspo, cispo, rloo, remax, reinforce, reinforce_pp, online_dpo, rft: the loss follows
+  # from the algorithm; loss.params still apply)
   algorithm: str = "sft"
   loss: LossConfig = LossConfig()
   # Architecture when training from scratch; with init_from only param_dtype / dtype apply.
@@ -218,6 +222,7 @@ class TrainConfig:
   optim: OptimConfig = OptimConfig()
   lora: LoraConfig = LoraConfig()
   reference: ReferenceConfig = ReferenceConfig()
+  rl: RLConfig = RLConfig()
   steps: int = 100
   eval_every: int = 0  # 0: evaluate only before and after training
   eval_batches: int = 8

@@ -10,7 +10,7 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-SHOWN = ("loss", "rewards/accuracies", "accuracy", "rewards/margins", "grad_norm")
+SHOWN = ("reward", "loss", "rewards/accuracies", "accuracy", "rewards/margins", "grad_norm")
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

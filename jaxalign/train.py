@@ -2,7 +2,8 @@
 
 With no config it runs the embedded default: a tiny model learns the built-in digit-sorting task
 with SFT, then DPO on near-miss preference pairs, on a laptop CPU in a few minutes, and prints how
-the held-out metrics moved.
+the held-out metrics moved. `algorithm=<online algorithm>` alone (e.g. `algorithm=grpo`) runs the
+embedded RL default instead: the same tiny model learns the "largest digit" task from a rule reward.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import sys
 import typing
 
 from jaxalign import losses
+from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS
 from jaxalign.config import ALGORITHMS, ConfigError, TrainConfig, apply_override, load_stages, load_yaml
 from jaxalign.data.readers import DataError
 
 DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "default.yaml"
-HEADLINE = ("loss", "nll_per_token", "policy_prefers_chosen", "rewards/accuracies", "accuracy", "rewards/margins")
+RL_DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "rl_default.yaml"
+HEADLINE = ("reward", "loss", "nll_per_token", "policy_prefers_chosen", "rewards/accuracies", "accuracy", "rewards/margins")
 
 
 def _keys(cls, prefix="") -> list[str]:
@@ -44,7 +47,8 @@ def help_text() -> str:
 
 
 def parse_stages(config: str | None, overrides: list[str]) -> list[TrainConfig]:
-  data = load_yaml(config or DEFAULT_RECIPE)
+  online = any(o.partition("=")[0] == "algorithm" and o.partition("=")[2] in ONLINE_ALGORITHMS for o in overrides)
+  data = load_yaml(config or (RL_DEFAULT_RECIPE if online else DEFAULT_RECIPE))
   stages = data.pop("stages", None)
   for override in overrides:
     head, _, rest = override.partition(".")

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.algorithms import lora as lora_lib
+from jaxalign.algorithms import online
 from jaxalign.algorithms.forward import rows, sequence_logps
 from jaxalign.algorithms.objectives import Objective, objective_for
 from jaxalign.algorithms.step import StepFns, TrainState, make_eval_step, make_optimizer, make_train_step
@@ -26,6 +27,7 @@ from jaxalign.data.pipeline import Batches, build_datasets
 from jaxalign.data.tokenize import check_vocab
 from jaxalign.logging import MetricsLogger
 from jaxalign.models import CausalLM, ScalarModel, load_hf, load_tokenizer, save_hf
+from jaxalign.rollout.rewards import RuleRewards
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +122,74 @@ class Run:
   frozen: dict
   train_data: Batches
   eval_data: Batches
+  # Unjitted step(state, batch, frozen) and eval(state, batch, frozen); offline by default.
+  train_fn: object = None
+  eval_fn: object = None
+
+  @property
+  def online(self) -> bool:
+    return self.cfg.algorithm in online.ALGORITHMS
+
+  def next_batch(self) -> dict:
+    """The next training batch on the mesh: prompts (online) or [A, ...] stacked micro-batches."""
+    if self.online:
+      return put_batch(next(self.train_data), self.mesh, self.cfg.mesh.rules, 0)
+    micro = stack_micro_batches([next(self.train_data) for _ in range(self.cfg.optim.grad_accum)])
+    return put_batch(micro, self.mesh, self.cfg.mesh.rules, 1)
+
+
+def _objective(cfg: TrainConfig) -> Objective:
+  if cfg.algorithm in online.ALGORITHMS:
+    spec = online.ALGORITHMS[cfg.algorithm]
+    uses_reference = online.needs_reference(spec, cfg.rl, dict(cfg.loss.params))
+    return Objective(spec.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
+  return objective_for(cfg.algorithm, cfg.loss.name)
+
+
+def _scalar_model(path: str, cfg: TrainConfig, mesh):
+  """(graphdef, params) of a reward model directory (*ForSequenceClassification)."""
+  model, mcfg = load_hf(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules)
+  if not isinstance(model, ScalarModel):
+    raise ConfigError(f"rl.reward_model={path} is not a reward model (*ForSequenceClassification)")
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def _attach_online(run: Run) -> None:
+  """Online algorithms: rewards (rules over each split's gold answers, a reward model), PPO's critic, and the
+  RL step / eval."""
+  cfg = run.cfg
+  sampling = cfg.rl.sampling(run.tokenizer)
+  reward_graphdef = critic_graphdef = None
+  if cfg.rl.reward_model:
+    reward_graphdef, run.frozen["reward_model"] = _scalar_model(cfg.rl.reward_model, cfg, run.mesh)
+  if cfg.algorithm == "ppo":
+    if cfg.lora.enabled:
+      raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
+    if reward_graphdef is not None:  # critic initialised from the reward model
+      critic_graphdef, value = reward_graphdef, jax.tree.map(jnp.copy, run.frozen["reward_model"])
+    else:  # from the policy's backbone with a zero value head
+      head = sharding.create_sharded(lambda: ScalarModel(run.model_config, rngs=nnx.Rngs(cfg.seed)), run.mesh,
+                                     cfg.mesh.rules)
+      critic_graphdef = nnx.graphdef(head)
+      score = jax.tree.map(jnp.zeros_like, nnx.to_pure_dict(nnx.state(head, nnx.Param))["score"])
+      value = {"model": jax.tree.map(jnp.copy, run.state.trainable["model"]), "score": score}
+    trainable = {"policy": run.state.trainable, "value": value}
+    with sharding.use_mesh(run.mesh, cfg.mesh.rules):
+      run.state = run.state._replace(trainable=trainable, opt_state=jax.jit(run.fns.tx.init)(trainable))
+
+  def fns_for(data: Batches):
+    reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in data.examples}, cfg.rl.rewards)
+    return online.OnlineFns(run.fns, online.ALGORITHMS[cfg.algorithm], cfg.rl, sampling, reward,
+                            run.objective.uses_reference, critic_graphdef, reward_graphdef)
+
+  run.train_fn, run.eval_fn = online.make_rl_step(fns_for(run.train_data)), online.make_rl_eval(fns_for(run.eval_data))
 
 
 def build_run(cfg: TrainConfig) -> Run:
   sharding.initialize_distributed(cfg.mesh.distributed)
   mesh = sharding.make_mesh(cfg.mesh)
-  objective = objective_for(cfg.algorithm, cfg.loss.name)
+  objective = _objective(cfg)
   if objective.data_format != cfg.data.format:
     raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
                       f"but data.format={cfg.data.format}")
@@ -152,8 +216,13 @@ def build_run(cfg: TrainConfig) -> Run:
                      jax.device_put(key, replicated))
   op = {"impl": cfg.logprob_impl}
   fns = StepFns(graphdef, objective, tx, dict(cfg.loss.params), cfg.lora, op)
-  run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data)
-  if objective.uses_reference and cfg.reference.mode == "precomputed":
+  run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
+            make_train_step(fns), make_eval_step(fns))
+  if run.online:
+    if cfg.optim.grad_accum != 1:
+      raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
+    _attach_online(run)
+  elif objective.uses_reference and cfg.reference.mode == "precomputed":
     for data in (train_data, eval_data):
       precompute_reference(run, data)
   return run
@@ -168,7 +237,7 @@ def evaluate(run: Run, eval_fn) -> dict[str, float]:
 
 
 def export(run: Run, path: pathlib.Path) -> pathlib.Path:
-  params = run.state.trainable
+  params = run.state.trainable["policy"] if run.cfg.algorithm == "ppo" else run.state.trainable
   if run.cfg.lora.enabled:
     params = lora_lib.merge(run.frozen["base"], params, run.cfg.lora)
   return save_hf(nnx.merge(run.fns.graphdef, params), run.model_config, path, tokenizer=run.tokenizer)
@@ -181,8 +250,8 @@ def train(cfg: TrainConfig) -> dict:
   ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
   state_shardings = jax.tree.map(lambda x: x.sharding, run.state)
   with sharding.use_mesh(run.mesh, cfg.mesh.rules):
-    train_step = jax.jit(make_train_step(run.fns), out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(run.fns))
+    train_step = jax.jit(run.train_fn, out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_fn = jax.jit(run.eval_fn)
   if cfg.checkpoint.resume and ckpt.latest_step() is not None:
     run.state, meta = ckpt.restore(run.state)
     run.train_data.restore(meta["data"])
@@ -201,9 +270,9 @@ def train(cfg: TrainConfig) -> dict:
   step = start
   try:
     for step in range(start + 1, cfg.steps + 1):
-      micro = stack_micro_batches([next(run.train_data) for _ in range(cfg.optim.grad_accum)])
+      batch = run.next_batch()
       with sharding.use_mesh(run.mesh, cfg.mesh.rules):
-        run.state, metrics = train_step(run.state, put_batch(micro, run.mesh, cfg.mesh.rules, 1), run.frozen)
+        run.state, metrics = train_step(run.state, batch, run.frozen)
       logger.advance()
       if step % cfg.log.every == 0 or step == cfg.steps:
         values = logger.log(step, metrics)

@@ -78,6 +78,15 @@ def collate_unpaired(examples: Sequence[Encoded], buckets: Sequence[int]) -> dic
   return batch
 
 
+def collate_prompts(examples: Sequence[Encoded], buckets: Sequence[int]) -> dict[str, np.ndarray]:
+  """Prompt-only rows, left-padded for generation: prompt_ids / prompt_mask [B, P] and uid [B]."""
+  length = bucket_length(max(len(e.prompt) for e in examples), buckets)
+  ids, mask = np.zeros((len(examples), length), np.int32), np.zeros((len(examples), length), np.int32)
+  for i, e in enumerate(examples):
+    ids[i, length - len(e.prompt):], mask[i, length - len(e.prompt):] = e.prompt, 1
+  return {"prompt_ids": ids, "prompt_mask": mask, "uid": np.asarray([e.uid for e in examples], np.int32)}
+
+
 def pack_rows(examples: Sequence[Encoded], num_rows: int, length: int) -> tuple[dict[str, np.ndarray], int]:
   """Pack examples in order into `num_rows` rows of `length` tokens (segment ids restart per row).
 

@@ -98,7 +98,7 @@ class Batches:
       batch, used = batching.pack_rows(chosen, cfg.batch_size, cfg.max_length)
     else:
       chosen, used = chosen[:cfg.batch_size], cfg.batch_size
-      collate = {"sft": batching.collate_single, "prompt": batching.collate_single,
+      collate = {"sft": batching.collate_single, "prompt": batching.collate_prompts,
                  "unpaired": batching.collate_unpaired}.get(cfg.format, batching.collate_multi)
       batch = collate(chosen, cfg.bucket_lengths)
     self.index += used
@@ -117,9 +117,12 @@ class Batches:
 def _records(sources: tuple[str, ...], cfg: DataConfig, split: int, seed: int):
   for source in sources:
     if source.startswith("synthetic:"):
-      if source != "synthetic:sort":
-        raise DataError(f"unknown synthetic task {source!r}; available: synthetic:sort")
-      for i, record in enumerate(synthetic.sort_records(cfg.synthetic_size[split], seed + 7919 * split, cfg.format)):
+      task = source.removeprefix("synthetic:")
+      if task not in synthetic.TASKS:
+        raise DataError(f"unknown synthetic task {source!r}; available: "
+                        + ", ".join(f"synthetic:{t}" for t in synthetic.TASKS))
+      records = synthetic.TASKS[task](cfg.synthetic_size[split], seed + 7919 * split, cfg.format)
+      for i, record in enumerate(records):
         yield record, f"{source}:{i}"
     else:
       yield from read_records(source)
@@ -129,7 +132,8 @@ def load_split(sources: tuple[str, ...], cfg: DataConfig, tokenizer, split: int 
   """Parse and tokenise one split. Returns (encoded examples, counts of skipped/truncated)."""
   examples, counts = parse_records(_records(sources, cfg, split, seed), cfg.format)
   counts = collections.Counter({f"skipped: {k}": v for k, v in counts.items()})
-  encoded = [encode_example(tokenizer, e, cfg.max_length, cfg.max_prompt_length, counts) for e in examples]
+  encoded = [dataclasses.replace(encode_example(tokenizer, e, cfg.max_length, cfg.max_prompt_length, counts), uid=i)
+             for i, e in enumerate(examples)]
   if cfg.limit:
     encoded = encoded[:cfg.limit]
   return encoded, counts

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
-WORDS = [str(d) for d in range(10)] + ["sort", ":"]
+WORDS = [str(d) for d in range(10)] + ["sort", ":", "max"]
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 
@@ -85,3 +85,30 @@ def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3
 def sort_reward(completion: str, answer: str) -> float:
   """Ground-truth reward: 1 for the exactly sorted list, else 0."""
   return float(completion.split() == answer.split())
+
+
+def max_records(num: int, seed: int, kind: str = "prompt", min_len: int = 3, max_len: int = 6) -> list[dict]:
+  """The "largest digit" task: a verifiable task that RL can learn from scratch (the answer is one token).
+
+  kind: "prompt" (prompt + gold answer, for rule rewards) or "sft" (prompt + completion).
+  """
+  if kind not in ("prompt", "sft"):
+    raise ValueError(f"synthetic:max has no {kind!r} records; use data.format=prompt or sft")
+  rng = np.random.default_rng(seed)
+  records = []
+  for _ in range(num):
+    digits = rng.integers(0, 10, size=rng.integers(min_len, max_len + 1)).tolist()
+    prompt = [{"role": "user", "content": f"max : {_text(digits)}"}]
+    answer = str(max(digits))
+    records.append({"prompt": prompt, "answer": answer} if kind == "prompt" else
+                   {"prompt": prompt, "completion": answer})
+  return records
+
+
+def max_reward(completion: str, answer: str) -> float:
+  """1 for exactly the largest digit, 0.5 when it comes first but more follows, else 0."""
+  words = completion.split()
+  return 1.0 if words == [answer] else 0.5 if words[:1] == [answer] else 0.0
+
+
+TASKS = {"sort": sort_records, "max": max_records}

@@ -26,6 +26,7 @@ class Encoded:
   scores: tuple[float, ...] = ()
   answer: str | None = None
   ref_logps: tuple[float, ...] = ()  # cached reference log-probs of each response (reference.mode=precomputed)
+  uid: int = -1  # position in its split (prompt batches carry it so host-side rewards find the answer)
 
   @property
   def length(self) -> int:
