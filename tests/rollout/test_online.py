@@ -111,3 +111,11 @@ def test_gsm8k_recipe_runs_on_the_real_data(tmp_path, data_dir, capsys):
                "model.num_kv_heads=1", "checkpoint.export_hf=false"])
   assert code == 0, capsys.readouterr().err
   assert "| grpo-gsm8k | reward |" in capsys.readouterr().out
+
+
+def test_dapo_dynamic_sampling_keeps_groups_with_signal_first(tmp_path):
+  train(rl_stage(tmp_path, "dapo", steps=6, rl__oversample=2))
+  for row in train_rows(tmp_path / "run").values():
+    signal = row["train/dynamic_sampling/signal_fraction"]  # over all 2B sampled groups
+    expected_zero_std = max(0.0, 1.0 - 2 * signal)  # B kept, those with signal first
+    np.testing.assert_allclose(row["train/frac_reward_zero_std"], expected_zero_std, atol=1e-6)
