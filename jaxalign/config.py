@@ -128,6 +128,19 @@ def load_yaml(path: str | pathlib.Path) -> dict:
   return data
 
 
+def set_key(data: dict, key: str, value) -> dict:
+  """Set the dotted `key` (a.b.c) in a nested dict, creating sections on the way."""
+  node = data
+  *parents, leaf = key.strip().split(".")
+  for part in parents:
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"config key {key!r}: '{part}' is not a section")
+    node = child
+  node[leaf] = value
+  return data
+
+
 def apply_override(data: dict, override: str) -> dict:
   """Set `a.b.c=value` in a nested dict (value parsed as YAML: numbers, bools, lists, null)."""
   if "=" not in override:
@@ -137,15 +150,7 @@ def apply_override(data: dict, override: str) -> dict:
     value = yaml.safe_load(raw) if raw else ""
   except yaml.YAMLError:
     value = raw
-  node = data
-  parts = key.strip().split(".")
-  for part in parts[:-1]:
-    child = node.setdefault(part, {})
-    if not isinstance(child, dict):
-      raise ConfigError(f"override {override!r}: '{part}' is not a section")
-    node = child
-  node[parts[-1]] = value
-  return data
+  return set_key(data, key, value)
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -10,23 +10,12 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import trl
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
-
-class StepTimer(TrainerCallback):
-  def __init__(self):
-    self.times, self.start = [], None
-
-  def on_step_begin(self, args, state, control, **kwargs):
-    self.start = time.perf_counter()
-
-  def on_step_end(self, args, state, control, **kwargs):
-    self.times.append(time.perf_counter() - self.start)
+from _timer import StepTimer  # this folder is on sys.path when the script runs
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main():

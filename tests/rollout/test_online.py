@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from jaxalign.algorithms.online import ALGORITHMS
-from jaxalign.config import TrainConfig, from_dict
+from jaxalign.config import TrainConfig, from_dict, set_key
 from jaxalign.data.pipeline import Batches
 from jaxalign.models import ScalarModel, save_hf
 from jaxalign.train import main
@@ -27,11 +27,7 @@ def rl_stage(tmp_path, algorithm, **changes):
     "checkpoint": {"export_hf": False},
   }
   for key, value in changes.items():
-    node = cfg
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+    set_key(cfg, key.replace("__", "."), value)
   return from_dict(TrainConfig, cfg)
 
 

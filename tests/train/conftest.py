@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxalign.config import TrainConfig, from_dict
+from jaxalign.config import TrainConfig, from_dict, set_key
 
 TINY_MODEL = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
               "num_kv_heads": 2, "max_position_embeddings": 32}
@@ -17,11 +17,7 @@ def tiny_stage(tmp_path, **overrides) -> TrainConfig:
     "checkpoint": {"export_hf": False}, "eval_batches": 2,
   }
   for key, value in overrides.items():
-    node = base
-    *parents, leaf = key.split("__")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
+    set_key(base, key.replace("__", "."), value)
   return from_dict(TrainConfig, base)
 
 
