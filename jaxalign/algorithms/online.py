@@ -275,6 +275,49 @@ def _update(of: OnlineFns, state: TrainState, frozen_params, units, key):
   return trainable, opt_state, {k: jnp.mean(v) for k, v in metrics.items()}
 
 
+class Sampled(NamedTuple):
+  """One scored rollout: what the update-unit builders read (all detached)."""
+
+  rollout: object  # sampler.Rollout
+  rows: dict  # training rows [R, P+N]
+  uid: jax.Array  # [R]
+  scores: jax.Array  # [R]
+  old: jax.Array  # [R, N] old-policy log-probs (training path)
+  ref: jax.Array  # [R, N] reference log-probs (= old without a reference)
+  mask: jax.Array  # [R, N]
+  group_ids: jax.Array  # [R]
+  num_groups: int
+
+
+def _pg_rollout_units(of: OnlineFns, state, frozen_params, s: Sampled, greedy_key):
+  """Critic-free policy gradient: the algorithm's estimator (ReMax first decodes a greedy baseline)."""
+  greedy, metrics = None, {}
+  if of.spec.advantages == "remax":
+    baseline = generate(of.policy(state.trainable, frozen_params), s.rollout.prompt_ids, s.rollout.prompt_mask,
+                        greedy_key, dataclasses.replace(of.sampling, temperature=0.0))
+    rows = rollout_rows(baseline.prompt_ids, baseline.prompt_mask, baseline.tokens, baseline.mask)
+    greedy, _ = of.scores(frozen_params, s.uid, baseline, rows)
+    metrics["remax/greedy_reward"] = jnp.mean(greedy)
+  context = Context(s.scores, greedy, s.old, s.ref, s.mask, s.group_ids, s.num_groups, of.rl.kl_coef)
+  advantages = ESTIMATORS[of.spec.advantages](context)
+  return _pg_units(of, s.rows, s.old, s.ref, s.mask, advantages, s.rollout.logprobs), metrics
+
+
+UNITS = {
+  "pairs": lambda of, state, frozen_params, s, key: _named(
+    _pair_units(of, s.rows, s.old, s.ref, s.mask, s.scores), "online_dpo/distinct_fraction"),
+  "best": lambda of, state, frozen_params, s, key: _named(_best_units(of, s.rows, s.mask, s.scores),
+                                                          "rft/accept_rate"),
+  "gae": lambda of, state, frozen_params, s, key: _ppo_units(of, state.trainable, s.rows, s.old, s.ref, s.mask,
+                                                             s.scores, s.rollout),
+}
+
+
+def _named(units_and_value, name: str):
+  units, value = units_and_value
+  return units, {name: value}
+
+
 def needs_reference(spec: Spec, rl: RLConfig, loss_params: dict) -> bool:
   """Whether the step must run the frozen reference: DPO pairs, a KL-in-reward beta, or a KL term in the loss."""
   beta = loss_params.get("beta", inspect.signature(losses.get(spec.loss)).parameters.get("beta"))
@@ -314,26 +357,10 @@ def make_rl_step(of: OnlineFns):
                     "completions/clipped_ratio": 1.0 - jnp.mean(rollout.finished.astype(jnp.float32)),
                     "kl": jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)})
 
-    if of.spec.advantages == "pairs":
-      units, metrics["online_dpo/distinct_fraction"] = _pair_units(of, rows, old, ref, mask, scores)
-    elif of.spec.advantages == "best":
-      units, metrics["rft/accept_rate"] = _best_units(of, rows, mask, scores)
-    elif of.spec.advantages == "gae":
-      units, ppo_metrics = _ppo_units(of, state.trainable, rows, old, ref, mask, scores, rollout)
-      metrics.update(ppo_metrics)
-    else:
-      greedy = None
-      if of.spec.advantages == "remax":
-        greedy_rollout = generate(policy, ids[:scores.shape[0]], pmask[:scores.shape[0]], greedy_key,
-                                  dataclasses.replace(of.sampling, temperature=0.0))
-        greedy_rows = rollout_rows(greedy_rollout.prompt_ids, greedy_rollout.prompt_mask, greedy_rollout.tokens,
-                                   greedy_rollout.mask)
-        greedy, _ = of.scores(frozen_params, uid, greedy_rollout, greedy_rows)
-        metrics["remax/greedy_reward"] = jnp.mean(greedy)
-      context = Context(scores, greedy, old, ref, mask, group_ids, prompts_n, rl.kl_coef)
-      advantages = ESTIMATORS[of.spec.advantages](context)
-      units = _pg_units(of, rows, old, ref, mask, advantages, rollout.logprobs)
-
+    sampled = Sampled(rollout, rows, uid, scores, old, ref, mask, group_ids, prompts_n)
+    units, unit_metrics = UNITS.get(of.spec.advantages, _pg_rollout_units)(of, state, frozen_params, sampled,
+                                                                           greedy_key)
+    metrics.update(unit_metrics)
     trainable, opt_state, update_metrics = _update(of, state, frozen_params, units, update_key)
     metrics.update(update_metrics)
     return TrainState(trainable, opt_state, state.step + 1, rng), metrics
