@@ -40,6 +40,9 @@ class RLConfig:
   epochs: int = 1  # passes over each rollout (PPO epochs)
   minibatches: int = 1  # optimiser steps per pass
   kl_coef: float = 0.0  # beta of the KL-in-reward algorithms (ppo, rloo, remax, reinforce, reinforce_pp)
+  # KL to the reference as a loss term instead (or as well): coefficient and estimator (k3 as in GRPO, k2).
+  kl_loss_coef: float = 0.0
+  kl_loss_estimator: str = "k3"
   rewards: dict = dataclasses.field(default_factory=lambda: {"max_digit": 1.0})  # rule reward -> weight
   oversample: int = 1  # DAPO dynamic sampling: generate this many times the groups, keep those with signal
   is_cap: float = 0.0  # truncated importance weight on sampler / trainer log-prob mismatch (0: off)
@@ -262,7 +265,11 @@ def _update(of: OnlineFns, state: TrainState, frozen_params, units, key):
     counts = {"num_sequences": size, "num_pairs": size}
     if mask is not None:
       counts["num_tokens"] = jnp.maximum(jnp.sum(mask), 1.0)
-    return losses.get(of.spec.loss)(stats, **of.loss_kwargs(counts))
+    loss, metrics = losses.get(of.spec.loss)(stats, **of.loss_kwargs(counts))
+    if of.rl.kl_loss_coef and mask is not None:  # KL in the loss (PPO / REINFORCE family option)
+      kl = losses.kl_penalty(stats, estimator=of.rl.kl_loss_estimator)
+      loss, metrics = loss + of.rl.kl_loss_coef * kl, {**metrics, "kl_loss": jax.lax.stop_gradient(kl)}
+    return loss, metrics
 
   def one_step(carry, index):
     trainable, opt_state = carry
@@ -322,7 +329,8 @@ def needs_reference(spec: Spec, rl: RLConfig, loss_params: dict) -> bool:
   """Whether the step must run the frozen reference: DPO pairs, a KL-in-reward beta, or a KL term in the loss."""
   beta = loss_params.get("beta", inspect.signature(losses.get(spec.loss)).parameters.get("beta"))
   beta = getattr(beta, "default", beta)
-  return spec.loss == "dpo" or (spec.kl_in_reward and rl.kl_coef > 0) or bool(isinstance(beta, float) and beta > 0)
+  kl_term = (spec.kl_in_reward and rl.kl_coef > 0) or rl.kl_loss_coef > 0
+  return spec.loss == "dpo" or kl_term or bool(isinstance(beta, float) and beta > 0)
 
 
 def make_rl_step(of: OnlineFns):

@@ -8,7 +8,8 @@ chat template). Accepted record layouts:
               full dialogues, split at the last "\\n\\nAssistant:" of their longest common prefix
 - unpaired:   {prompt, completion, label: bool} (KTO)
 - ranked:     {prompt, responses: [...], scores: [...]} (higher score = better)
-- prompt:     {prompt} or {question} (+ optional answer, for rule-based rewards)
+- prompt:     {prompt} or {question} (+ optional answer, for rule-based rewards), or HH-RLHF pairs (their
+              shared dialogue history up to the last "Assistant:")
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def parse_ranked(record: dict, where: str) -> Example:
 
 
 def parse_prompt(record: dict, where: str) -> Example:
+  if "prompt" not in record and "question" not in record and {"chosen", "rejected"} <= set(record):
+    return Example(parse_preference(record, where).prompt)  # HH-RLHF pairs: their shared history
   key = "prompt" if "prompt" in record else "question"
   prompt = _prompt(_field(record, key, where), where)
   return Example(prompt, answer=record.get("answer"))

@@ -115,3 +115,16 @@ def test_dapo_dynamic_sampling_keeps_groups_with_signal_first(tmp_path):
     signal = row["train/dynamic_sampling/signal_fraction"]  # over all 2B sampled groups
     expected_zero_std = max(0.0, 1.0 - 2 * signal)  # B kept, those with signal first
     np.testing.assert_allclose(row["train/frac_reward_zero_std"], expected_zero_std, atol=1e-6)
+
+
+def test_ppo_kl_in_the_loss_pulls_towards_the_reference(tmp_path):
+  result = train(rl_stage(tmp_path, "ppo", steps=5, rl__kl_loss_coef=0.5))
+  rows = train_rows(tmp_path / "run")
+  assert all("train/kl_loss" in r and r["train/kl_loss"] >= 0.0 for r in rows.values())  # k3 >= 0
+  assert np.isfinite(result["eval_after"]["reward"])
+
+
+def test_hh_pairs_read_as_prompts(data_dir):
+  from jaxalign.data import parse_records, read_records
+  examples, _ = parse_records(read_records(str(data_dir / "hh_rlhf/helpful-base/test.jsonl.gz")), "prompt")
+  assert len(examples) == 2354 and all(e.prompt.endswith("\n\nAssistant:") and not e.responses for e in examples)
