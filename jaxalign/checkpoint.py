@@ -31,9 +31,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def due(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
   def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> bool:
     """Save when the interval says so (or `force`); returns whether it saved."""
-    if (not force and (not self.every or step % self.every)) or step in self.manager.all_steps():
+    if (not force and not self.due(step)) or step in self.manager.all_steps():
       return False
     saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state._asdict()),
                                                             meta=ocp.args.JsonSave(meta)), force=force)

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
       print(yaml.safe_dump([to_dict(s) for s in stages], sort_keys=False))
       return 0
     results = run_stages(stages)
-  except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+  except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   print(summary(stages, results))

@@ -274,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
       with sharding.use_mesh(run.mesh, cfg.mesh.rules):
         run.state, metrics = train_step(run.state, batch, run.frozen)
       logger.advance()
-      if step % cfg.log.every == 0 or step == cfg.steps:
+      if step % cfg.log.every == 0 or step == cfg.steps or ckpt.due(step):  # never save past a NaN loss
         values = logger.log(step, metrics)
         if not math.isfinite(values["loss"]):
           raise TrainingError(f"step {step}: loss is {values['loss']}; last good checkpoint kept in {ckpt.directory}")

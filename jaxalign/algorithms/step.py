@@ -54,7 +54,10 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
   schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay],
                                   [cfg.warmup_steps]) if cfg.warmup_steps else decay
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
+  tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
+  # A non-finite gradient leaves the parameters as they were (the loop then stops with a clear error),
+  # so no NaN ever reaches a checkpoint.
+  return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
 
 
 class TrainState(NamedTuple):

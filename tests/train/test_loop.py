@@ -120,3 +120,17 @@ def test_hh_rlhf_dpo_recipe_runs_on_the_real_data(tmp_path, data_dir, capsys):
                "model.num_kv_heads=1", "checkpoint.export_hf=false"])
   assert code == 0, capsys.readouterr().err
   assert "| dpo-hh | rewards/accuracies |" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_finite_checkpoints(stage, tmp_path):
+  from jaxalign.checkpoint import Checkpointer
+  from jaxalign.trainer import TrainingError
+
+  cfg = stage(algorithm="sft", loss__name="sft", steps=8, optim__lr=1e30, optim__max_grad_norm=0.0,
+              checkpoint__every=1, run_dir=str(tmp_path / "nan"))
+  with pytest.raises(TrainingError, match=r"step \d+: loss is nan; last good checkpoint kept"):
+    train(cfg)
+  run = build_run(cfg)
+  ckpt = Checkpointer(tmp_path / "nan/checkpoints")
+  state, _ = ckpt.restore(run.state)
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.trainable))
