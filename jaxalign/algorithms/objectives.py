@@ -21,9 +21,6 @@ from jaxalign import losses
 from jaxalign.algorithms.forward import frozen, loss_targets, rows, sequence_logps, token_logps
 from jaxalign.models.decoder import last_token_values
 
-STEP_COUNTS = ("num_tokens", "num_sequences", "num_pairs", "num_lists", "num_examples")
-
-
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What one training algorithm needs from a batch; `stats(policy, reference, batch)` -> loss input."""
@@ -38,9 +35,14 @@ class Objective:
 
   def loss(self, stats, counts: dict, params: dict):
     """(loss share of this micro-batch, metrics). Shares sum to the step loss over micro-batches."""
-    fn = losses.get(self.loss_name)
-    accepted = inspect.signature(fn).parameters
-    return fn(stats, **params, **{k: v for k, v in counts.items() if k in accepted})
+    return call_loss(self.loss_name, stats, params, counts)
+
+
+def call_loss(name: str, stats, params: dict, counts: dict):
+  """The registered loss `name` on `stats`, given only the step counts its signature accepts."""
+  fn = losses.get(name)
+  accepted = inspect.signature(fn).parameters
+  return fn(stats, **params, **{k: v for k, v in counts.items() if k in accepted})
 
 
 def eval_metrics(stats) -> dict:
@@ -97,7 +99,7 @@ def pair_stats(policy, reference, batch, **op):
 
 def pair_counts(batch):
   tokens = _response_counts(batch)
-  return {"num_pairs": tokens.shape[0] * tokens.shape[1], "num_tokens": jnp.sum(tokens[..., 0])}
+  return {"num_pairs": _examples(batch), "num_tokens": jnp.sum(tokens[..., 0])}
 
 
 def list_stats(policy, reference, batch, **op):
@@ -107,21 +109,25 @@ def list_stats(policy, reference, batch, **op):
   return losses.ListStats(policy=s.reshape(shape), labels=batch["scores"], ref=s_ref)
 
 
+def _examples(batch) -> int:
+  """Examples (pairs, lists, completions) in a stacked batch [A, B, ...]."""
+  return batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+
+
 def list_counts(batch):
-  return {"num_lists": batch["input_ids"].shape[0] * batch["input_ids"].shape[1]}
+  return {"num_lists": _examples(batch)}
 
 
 def unpaired_stats(policy, reference, batch, **op):
+  """KTO / NPO. The reference always runs in the step: the mismatched pairs depend on the batch."""
   s, _, s_ref = _policy_and_reference(policy, reference, batch, **op)
   kl, _, kl_ref = _policy_and_reference(policy, reference, batch, prefix="kl_", **op)
-  if s_ref is None and "ref_logps" in batch:
-    s_ref, kl_ref = batch["ref_logps"], batch["kl_ref_logps"]
   return losses.UnpairedStats(policy=s, ref=s_ref, desirable=batch["label"], kl_policy=jax.lax.stop_gradient(kl),
                               kl_ref=kl_ref)
 
 
 def unpaired_counts(batch):
-  return {"num_examples": batch["input_ids"].shape[0] * batch["input_ids"].shape[1]}
+  return {"num_examples": _examples(batch)}
 
 
 # ----------------------------------------------------------------------------------- reward models
@@ -150,7 +156,7 @@ _BY_INPUT = {
   losses.UnpairedStats: ("unpaired", unpaired_stats, unpaired_counts),
 }
 REFERENCE_FREE = {"cpo", "simpo", "orpo", "slic", "pmle", "preference_distillation"}
-REWARD_LOSSES = {"bradley_terry": ("preference", reward_pair_stats, list_counts),
+REWARD_LOSSES = {"bradley_terry": ("preference", reward_pair_stats, pair_counts),
                  "rm_all_pairs": ("ranked", reward_list_stats, list_counts),
                  "rm_plackett_luce": ("ranked", reward_list_stats, list_counts)}
 
@@ -163,7 +169,7 @@ def objective_for(algorithm: str, loss_name: str) -> Objective:
     if loss_name not in REWARD_LOSSES:
       raise ValueError(f"loss.name={loss_name!r} is not a reward-model loss; choose one of {sorted(REWARD_LOSSES)}")
     fmt, stats, counts = REWARD_LOSSES[loss_name]
-    return Objective(loss_name, fmt, True, False, stats, pair_counts if fmt == "preference" else counts)
+    return Objective(loss_name, fmt, True, False, stats, counts)
   if algorithm == "preference":
     kind = losses.input_type(loss_name)
     if kind not in _BY_INPUT:

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
 from jaxalign.algorithms.forward import token_logps
+from jaxalign.algorithms.objectives import call_loss
 from jaxalign.algorithms.step import StepFns, TrainState
 from jaxalign.models.decoder import last_token_values
 from jaxalign.rollout.sampler import SamplingConfig, generate
@@ -160,11 +161,11 @@ class OnlineFns:
   def completion_logps(self, model, rows):
     return completion_logps(model, rows, self.rl.max_new_tokens, self.rl.temperature, self.fns.op["impl"])
 
-  def loss_kwargs(self, counts: dict) -> dict:
-    fn = losses.get(self.spec.loss)
-    accepted = inspect.signature(fn).parameters
-    extra = {"max_len": self.rl.max_new_tokens} if "max_len" in accepted and "max_len" not in self.fns.loss_params else {}
-    return {**self.fns.loss_params, **extra, **{k: v for k, v in counts.items() if k in accepted}}
+  def loss(self, stats, counts: dict):
+    """The algorithm's loss; Dr. GRPO's constant normaliser defaults to rl.max_new_tokens."""
+    if "max_len" not in self.fns.loss_params:
+      counts = {**counts, "max_len": self.rl.max_new_tokens}
+    return call_loss(self.spec.loss, stats, self.fns.loss_params, counts)
 
 
 def _take(tree, index):
@@ -265,7 +266,7 @@ def _update(of: OnlineFns, state: TrainState, frozen_params, units, key):
     counts = {"num_sequences": size, "num_pairs": size}
     if mask is not None:
       counts["num_tokens"] = jnp.maximum(jnp.sum(mask), 1.0)
-    loss, metrics = losses.get(of.spec.loss)(stats, **of.loss_kwargs(counts))
+    loss, metrics = of.loss(stats, counts)
     if of.rl.kl_loss_coef and mask is not None:  # KL in the loss (PPO / REINFORCE family option)
       kl = losses.kl_penalty(stats, estimator=of.rl.kl_loss_estimator)
       loss, metrics = loss + of.rl.kl_loss_coef * kl, {**metrics, "kl_loss": jax.lax.stop_gradient(kl)}
