@@ -39,6 +39,7 @@ DEFAULT_RULES: Rules = (
   ("norm", None),
   ("head_dim", None),
   ("scalar", None),
+  ("layers", None),  # the stacked-blocks axis of scan_layers: every device holds every layer's shard
 )
 
 
@@ -165,6 +166,11 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
       yield mesh
   finally:
     _ACTIVE_RULES.reset(token)
+
+
+def active_rules() -> Rules | None:
+  """The rules table of the enclosing `use_mesh`, or None outside one."""
+  return _ACTIVE_RULES.get()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

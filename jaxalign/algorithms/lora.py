@@ -45,26 +45,28 @@ def _name(path: tuple) -> str:
 
 
 def init_adapters(params: dict, cfg: LoraConfig, key: jax.Array) -> dict:
-  """{module path: {"a": [in, r], "b": [r, out]}} for every targeted kernel of a pure param dict (B = 0)."""
+  """{module path: {"a": [..., in, r], "b": [..., r, out]}} for every targeted kernel of a pure param dict
+  (B = 0). A kernel stacked over layers ([L, in, out], scan_layers) gets stacked adapters [L, in, r]."""
   targets = [(p, v) for p, v in traverse_util.flatten_dict(params).items() if _adapted(p, cfg)]
   if not targets:
     raise ValueError(f"lora.targets {cfg.targets} match no projection of the model")
   adapters = {}
   for (path, kernel), k in zip(targets, jax.random.split(key, len(targets))):
-    fan_in, fan_out = kernel.shape
-    a = jax.random.normal(k, (fan_in, cfg.rank), jnp.float32) / jnp.sqrt(fan_in)
-    adapters[_name(path)] = {"a": a, "b": jnp.zeros((cfg.rank, fan_out), jnp.float32)}
+    *lead, fan_in, fan_out = kernel.shape
+    a = jax.random.normal(k, (*lead, fan_in, cfg.rank), jnp.float32) / jnp.sqrt(fan_in)
+    adapters[_name(path)] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, fan_out), jnp.float32)}
   return adapters
 
 
 def adapter_shardings(param_shardings: dict, cfg: LoraConfig) -> dict:
-  """Adapter shardings from their kernels': A keeps the input axis' sharding, B the output axis'."""
+  """Adapter shardings from their kernels': A keeps the input axis' sharding, B the output axis' (and both
+  the layer axis' of a stacked kernel)."""
   out = {}
   for path, sharding in traverse_util.flatten_dict(param_shardings).items():
     if _adapted(path, cfg):
-      spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-      out[_name(path)] = {"a": sharding.update(spec=jax.P(spec[0], None)),
-                          "b": sharding.update(spec=jax.P(None, spec[1]))}
+      *lead, spec_in, spec_out = (None,) * (2 - len(sharding.spec)) + tuple(sharding.spec)
+      out[_name(path)] = {"a": sharding.update(spec=jax.P(*lead, spec_in, None)),
+                          "b": sharding.update(spec=jax.P(*lead, None, spec_out))}
   return out
 
 

@@ -6,8 +6,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from typing import NamedTuple
+
 from jaxalign import sharding
 from jaxalign.models.config import ModelConfig
+from jaxalign.ops.attention import attention
 from jaxalign.models.layers import Dense, RMSNorm
 from jaxalign.models.rope import apply_rotary
 
@@ -27,19 +30,33 @@ def causal_segment_mask(segment_ids: jax.Array, window: int | None = None) -> ja
   return causal[None] & same_doc  # [B, T, S]
 
 
-def cache_mask(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array,
-               window: int | None = None) -> jax.Array:
-  """Boolean [B, T, S] mask for cached decoding: query t sees cache slot s iff the slot holds a real
-  token, its position is <= the query's, and (with a sliding window) q_pos - k_pos < window.
+class MaskInfo(NamedTuple):
+  """Which keys each query sees, as O(T + S) data: query t sees key s iff both are in the same non-zero
+  segment, k_positions[s] <= q_positions[t] and (with a window w) q_positions[t] - k_positions[s] < w.
 
-  q_positions [B, T], k_positions [B, S] int32; k_valid [B, S] bool. For one left-padded sequence per
-  row this is `causal_segment_mask` of that row restricted to the cached slots.
+  No [T, S] mask is ever built for a whole sequence; the attention op derives each block's mask.
   """
-  q, k = q_positions[:, :, None], k_positions[:, None, :]  # [B, T, 1], [B, 1, S]
-  mask = k_valid[:, None, :] & (k <= q)
-  if window is not None:
-    mask &= q - k < window
-  return mask  # [B, T, S]
+
+  q_positions: jax.Array  # [B, T] int32
+  q_segment_ids: jax.Array  # [B, T] int32
+  # [B, S] int32 each; None for self-attention over the same tokens (S = T, the q arrays serve), which
+  # lets the attention kernels (splash, Pallas GPU) take the call.
+  k_positions: jax.Array | None = None
+  k_segment_ids: jax.Array | None = None
+
+
+def sequence_mask_info(segment_ids: jax.Array) -> MaskInfo:
+  """Training / full forward: causal by index within each segment (`causal_segment_mask`'s rule)."""
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)  # [B, T]
+  return MaskInfo(index, segment_ids.astype(jnp.int32))
+
+
+def cache_mask_info(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array) -> MaskInfo:
+  """Cached decoding: query t (a real token) sees cache slot s iff the slot holds a real token, its position
+  is <= the query's, and (with a sliding window) q_pos - k_pos < window. For one left-padded sequence per
+  row this is `causal_segment_mask` of that row restricted to the cached slots."""
+  ones = jnp.ones_like(q_positions, jnp.int32)
+  return MaskInfo(q_positions.astype(jnp.int32), ones, k_positions.astype(jnp.int32), k_valid.astype(jnp.int32))
 
 
 # One layer's KV cache: {"k": [B, S, K, H], "v": [B, S, K, H]} in the cache dtype, S = cache length.
@@ -47,7 +64,7 @@ LayerCache = dict[str, jax.Array]
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with K <= N key/value heads, RoPE, optional qkv bias and q/k RMSNorm."""
+  """Multi-head attention with K <= N key/value heads, RoPE, optional qkv bias, q/k RMSNorm and logit soft-cap."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -62,16 +79,17 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+    self.softcap, self.impl = cfg.attn_logit_softcap, cfg.attention_impl
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [B, T, D], rotary tables [B, T, H], mask [B, T, S] -> [B, T, D]."""
-    return self._attend(*self._qkv(x, cos, sin), mask)
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo, window=None) -> jax.Array:
+    """x [B, T, D], rotary tables [B, T, H], mask over T keys, window (int, traced int or None) -> [B, T, D]."""
+    return self._attend(*self._qkv(x, cos, sin), mask, window)
 
-  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache,
-             index: jax.Array) -> tuple[LayerCache, jax.Array]:
+  def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo, cache: LayerCache,
+             index: jax.Array, window=None) -> tuple[LayerCache, jax.Array]:
     """Cached attention: write this call's keys/values at cache slots [index, index + T), then attend.
 
-    x [B, T, D], rotary tables [B, T, H], mask [B, T, S] over the S cache slots (`cache_mask`),
+    x [B, T, D], rotary tables [B, T, H], mask over the S cache slots (`cache_mask_info`),
     cache {"k", "v"} [B, S, K, H], index [] int32. Returns (new_cache, out [B, T, D]).
     """
     q, key, value = self._qkv(x, cos, sin)
@@ -80,10 +98,10 @@ class Attention(nnx.Module):
     value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)  # [B, S, K, H]
     names = ("batch", "seq", "kv_heads", "head_dim")
     new_cache = {"k": sharding.constrain(key, names), "v": sharding.constrain(value, names)}
-    return new_cache, self._attend(q, new_cache["k"], new_cache["v"], mask)
+    return new_cache, self._attend(q, new_cache["k"], new_cache["v"], mask, window)
 
   def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rotated queries [B, T, K, G, H], rotated keys [B, T, K, H] and values [B, T, K, H]."""
+    """Rotated queries [B, T, N, H], rotated keys [B, T, K, H] and values [B, T, K, H]."""
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     q = self.q_proj(x).reshape(b, t, n, h)  # [B, T, N, H]
@@ -92,14 +110,16 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, key = self.q_norm(q), self.k_norm(key)
     q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
-    q = sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim"))
-    return q.reshape(b, t, k, n // k, h), key, value  # q: [B, T, K, G, H]
+    return sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim")), key, value
 
-  def _attend(self, q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-    """q [B, T, K, G, H], key/value [B, S, K, H], mask [B, T, S] -> [B, T, D]."""
-    b, t, k, g, h = q.shape
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32) * h**-0.5
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [B, K, G, T, S]
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value).reshape(b, t, k * g * h)
-    return self.o_proj(out)  # [B, T, D]
+  def _attend(self, q: jax.Array, key: jax.Array, value: jax.Array, mask: MaskInfo, window) -> jax.Array:
+    """q [B, T, N, H], key/value [B, S, K, H] -> [B, T, D]."""
+    b, t, n, h = q.shape
+    self_attention = mask.k_positions is None  # the same arrays for q and k: the kernels can take it
+    out = attention(q, key.astype(q.dtype), value.astype(q.dtype), q_positions=mask.q_positions,
+                    k_positions=mask.q_positions if self_attention else mask.k_positions,
+                    q_segment_ids=mask.q_segment_ids,
+                    k_segment_ids=mask.q_segment_ids if self_attention else mask.k_segment_ids,
+                    window=window, softcap=self.softcap, impl=self.impl)
+    out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))  # [B, T, N, H]
+    return self.o_proj(out.reshape(b, t, n * h))  # [B, T, D]

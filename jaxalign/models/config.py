@@ -10,6 +10,11 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
+# What a decoder block keeps for the backward pass (jax.checkpoint policies; see `models.remat`).
+REMAT_POLICIES = ("none", "full", "save_dots", "offload")
+ATTENTION_IMPLS = ("auto", "xla", "naive", "splash", "pallas_gpu", "cudnn")
+# Keys that choose how the model runs, not what it computes: they never come from or go to config.json.
+EXECUTION_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +73,22 @@ class ModelConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  # Gemma 2: attention logits become softcap * tanh(logits / softcap) (None: off).
+  attn_logit_softcap: float | None = None
   # dtype policy: parameters and activations; softmax, norms and logits are always float32.
   param_dtype: str = "float32"
   dtype: str = "float32"
+  # Rematerialisation of each decoder block in the backward pass: "none" keeps every activation,
+  # "full" keeps only the block's input and recomputes the rest, "save_dots" keeps the outputs of the
+  # weight matmuls (recomputes norms, activations and attention), "offload" moves those matmul outputs
+  # to host memory (backends with a pinned host memory space; elsewhere it acts as "full").
+  remat: str = "full"
+  # Parameters of all blocks stacked on a leading "layers" axis and run by one lax.scan: compile time
+  # independent of depth. HF I/O, LoRA, sharding and the KV cache work the same either way.
+  scan_layers: bool = False
+  # Attention kernel (`jaxalign.ops.attention`): auto | xla (blockwise, any backend) | naive | splash (TPU)
+  # | pallas_gpu (Triton) | cudnn (one right-padded document per row).
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -80,6 +98,10 @@ class ModelConfig:
     for key in ("param_dtype", "dtype"):
       if getattr(self, key) not in DTYPES:
         raise ValueError(f"{key}={getattr(self, key)!r} is not supported; choose one of {tuple(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r} is not supported; choose one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r} is not supported; choose one of {ATTENTION_IMPLS}")
     if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
       raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
     if self.head_dim is None:
@@ -110,6 +132,10 @@ class ModelConfig:
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)
+
+  def with_execution_of(self, other: ModelConfig) -> ModelConfig:
+    """This architecture run the way `other` says (dtypes, remat, layer scan, attention kernel)."""
+    return self.replace(**{key: getattr(other, key) for key in EXECUTION_KEYS})
 
   def num_params(self) -> int:
     """Parameter count (embedding and LM head included), for FLOP and memory estimates."""

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign import sharding
-from jaxalign.models.attention import Attention, LayerCache, cache_mask, causal_segment_mask
+from jaxalign.models import layer_stack
+from jaxalign.models.attention import Attention, LayerCache, MaskInfo, cache_mask_info, sequence_mask_info
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Dense, Embed, RMSNorm
 from jaxalign.models.rope import inverse_frequencies, rotary_tables
@@ -40,14 +41,14 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, mask: MaskInfo, window=None):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, window)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
-  def decode(self, x, cos, sin, mask, cache: LayerCache, index) -> tuple[LayerCache, jax.Array]:
+  def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None) -> tuple[LayerCache, jax.Array]:
     """The block with a KV cache (see `Attention.decode`). Returns (new_cache, x [B, T, D])."""
-    cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index)
+    cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return cache, sharding.constrain(x, ("batch", "seq", "act_embed"))
@@ -69,7 +70,8 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
 #   "index":     [] int32, the next cache slot to write (all rows write the same slots);
 #   "positions": [B, S] int32, the position id of the token in each slot;
 #   "valid":     [B, S] bool, whether the slot holds a real token (False: empty or padding);
-#   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, S, K, H]) per layer.
+#   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, S, K, H]) per layer, or with scan_layers
+#                one {"k", "v"} [L, B, S, K, H] (see `layer_stack.init_layer_caches`).
 Cache = dict
 
 
@@ -82,7 +84,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
     "index": jnp.zeros((), jnp.int32),
     "positions": jnp.zeros((batch, max_len), jnp.int32),
     "valid": jnp.zeros((batch, max_len), bool),
-    "layers": tuple({"k": kv, "v": kv} for _ in range(cfg.num_layers)),
+    "layers": layer_stack.init_layer_caches(cfg, kv),
   }
 
 
@@ -92,7 +94,8 @@ class Decoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
                               param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+    self.layers = layer_stack.stack_blocks(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, offset=cfg.norm_offset,
                         param_dtype=cfg.weight_dtype, rngs=rngs)
     self.config = cfg
@@ -107,12 +110,7 @@ class Decoder(nnx.Module):
     if positions is None:
       positions = default_positions(segment_ids)
     cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
-    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
-    masks = {w: causal_segment_mask(segment_ids, w) for w in windows}
-
-    x = self._embed(input_ids)
-    for i, layer in enumerate(self.layers):
-      x = layer(x, cos, sin, masks[cfg.layer_window(i)])
+    x = layer_stack.forward(self.layers, cfg, self._embed(input_ids), cos, sin, sequence_mask_info(segment_ids))
     return self.norm(x)
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: Cache,
@@ -129,19 +127,14 @@ class Decoder(nnx.Module):
     k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
     k_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
     cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
-    windows = {cfg.layer_window(i) for i in range(cfg.num_layers)}
-    masks = {w: cache_mask(positions, k_positions, k_valid, w) for w in windows}  # [B, T, S] each
-
-    x = self._embed(input_ids)
-    layer_caches = []
-    for i, layer in enumerate(self.layers):
-      layer_cache, x = layer.decode(x, cos, sin, masks[cfg.layer_window(i)], cache["layers"][i], index)
-      layer_caches.append(layer_cache)
+    mask = cache_mask_info(positions, k_positions, k_valid)
+    layer_caches, x = layer_stack.decode(self.layers, cfg, self._embed(input_ids), cos, sin, mask,
+                                         cache["layers"], index)
     new_cache = {
       "index": index + input_ids.shape[1],
       "positions": sharding.constrain(k_positions, ("batch", "seq")),
       "valid": sharding.constrain(k_valid, ("batch", "seq")),
-      "layers": tuple(layer_caches),
+      "layers": layer_caches,
     }
     return new_cache, self.norm(x)
 

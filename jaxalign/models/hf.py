@@ -137,6 +137,22 @@ def hf_key(path: tuple) -> tuple[str, bool]:
   return ".".join(prefix + ["weight" if leaf in ("kernel", "embedding") else leaf]), leaf == "kernel"
 
 
+def _is_stacked(path: tuple) -> bool:
+  """Whether a parameter path is a scan_layers stack (`model/layers/<module>`, no layer index)."""
+  return "layers" in path and not isinstance(path[path.index("layers") + 1], int)
+
+
+def hf_keys(path: tuple, num_layers: int) -> tuple[list[str], bool]:
+  """The HF tensor names a parameter holds (one per layer for a stacked [L, ...] parameter) and whether
+  they are stored transposed."""
+  if not _is_stacked(path):
+    key, transposed = hf_key(path)
+    return [key], transposed
+  at = path.index("layers") + 1
+  keys = [hf_key(path[:at] + (i,) + path[at:]) for i in range(num_layers)]
+  return [k for k, _ in keys], keys[0][1]
+
+
 def _tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
   """Tensor name -> safetensors file, from model.safetensors or a sharded index."""
   index = path / "model.safetensors.index.json"
@@ -155,11 +171,12 @@ def _is_scalar_checkpoint(hf: dict) -> bool:
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None = None,
-            rules: sharding.Rules = sharding.DEFAULT_RULES):
+            rules: sharding.Rules = sharding.DEFAULT_RULES, scan_layers: bool = False):
   """Read a local HF directory into a jaxalign model. Returns (model, config).
 
   `*ForCausalLM` checkpoints give a `CausalLM`, `*ForSequenceClassification` (one label) a `ScalarModel`.
   With a mesh, each parameter is read slice by slice straight into its sharding (no replicated copy).
+  With scan_layers the blocks' parameters are read into [L, ...] stacks (`ModelConfig.scan_layers`).
   """
   path = pathlib.Path(path)
   config_file = path / "config.json"
@@ -168,7 +185,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
   if dtype not in DTYPES:
     raise CheckpointError(f"dtype={dtype!r} is not supported; choose one of {tuple(DTYPES)}")
   hf = json.loads(config_file.read_text())
-  cfg = config_from_hf(hf, str(config_file), dtype)
+  cfg = config_from_hf(hf, str(config_file), dtype).replace(scan_layers=scan_layers)
   model_cls = ScalarModel if _is_scalar_checkpoint(hf) else CausalLM
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0))))
   if mesh is not None:
@@ -180,21 +197,30 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
   files = _tensor_index(path)
   handles = {}
   try:
-    def read(var_path, var, var_sharding):
-      key, transposed = hf_key(var_path)
+    def open_tensor(key: str, expected: tuple):
       if key not in files:
         raise CheckpointError(f"{path}: tensor {key!r} missing from the checkpoint")
       if files[key] not in handles:
         handles[files[key]] = safe_open(files[key], framework="numpy")
       tensor = handles[files[key]].get_slice(key)
-      expected = var.shape[::-1] if transposed else var.shape
       if tuple(tensor.get_shape()) != tuple(expected):
         raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(tensor.get_shape())}, config.json implies "
                               f"{tuple(expected)}")
+      return tensor
+
+    def read(var_path, var, var_sharding):
+      keys, transposed = hf_keys(var_path, cfg.num_layers)
+      stacked = _is_stacked(var_path)
+      shape = var.shape[1:] if stacked else var.shape  # one layer's tensor
+      tensors = [open_tensor(key, shape[::-1] if transposed else shape) for key in keys]
+
+      def block(tensor, index):
+        return np.asarray(tensor[index[::-1]].T if transposed else tensor[index], dtype=var.dtype)
 
       def shard(index):
-        block = tensor[index[::-1]].T if transposed else tensor[index]
-        return np.asarray(block, dtype=var.dtype)
+        if not stacked:
+          return block(tensors[0], index)
+        return np.stack([block(tensors[i], index[1:]) for i in range(cfg.num_layers)[index[0]]])
 
       return var.replace(jax.make_array_from_callback(var.shape, var_sharding.get_value(), shard))
 
@@ -203,7 +229,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
-  used = {hf_key(p)[0] for p, _ in flat}
+  used = {key for p, _ in flat for key in hf_keys(p, cfg.num_layers)[0]}
   if cfg.tie_embeddings:
     used.add("lm_head.weight")
   unexpected = sorted(k for k in files if k not in used and not k.endswith(_IGNORED_KEYS))
@@ -222,9 +248,11 @@ def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.P
   out_dtype = DTYPES[dtype or config.param_dtype]
   tensors = {}
   for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    key, transposed = hf_key(var_path)
+    keys, transposed = hf_keys(var_path, config.num_layers)
     array = np.asarray(jax.device_get(_gather(var[...])), dtype=out_dtype)
-    tensors[key] = np.ascontiguousarray(array.T if transposed else array)
+    layers = array if _is_stacked(var_path) else [array]
+    for key, layer in zip(keys, layers, strict=True):
+      tensors[key] = np.ascontiguousarray(layer.T if transposed else layer)
 
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -1,0 +1,130 @@
+"""The decoder's blocks run as one unit: a Python loop over `nnx.List` blocks, or one `lax.scan` over
+blocks whose parameters are stacked on a leading `layers` axis (compile time independent of depth), each
+block rematerialised in the backward pass by the policy `ModelConfig.remat` names.
+
+Both layouts hold the same parameters under the same names (`model/layers/...`); the scanned one has
+one leading axis more (HF I/O and LoRA read it per layer). Shape letters: L layers, B batch, T
+queries, S keys / cache slots, K kv heads, H head dim, D width.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models.attention import MaskInfo
+from jaxalign.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# A traced window larger than any sequence: "no sliding window" for a layer inside a scan.
+NO_WINDOW = 2**30
+
+
+def _offload_supported() -> bool:
+  return any(m.kind == "pinned_host" for m in jax.devices()[0].addressable_memories())
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of `ModelConfig.remat`, or None for no rematerialisation."""
+  policies = jax.checkpoint_policies
+  if name == "none":
+    return None
+  if name == "offload":
+    if _offload_supported():
+      return policies.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+    log.warning("remat=offload: %s has no pinned host memory; keeping only block inputs (remat=full)",
+                jax.devices()[0].platform)
+    name = "full"
+  return {"full": policies.nothing_saveable, "save_dots": policies.dots_with_no_batch_dims_saveable}[name]
+
+
+def stack_blocks(blocks: list[nnx.Module]) -> nnx.Module:
+  """One block whose every parameter is the layers' parameters stacked [L, ...] (logical axis `layers`)."""
+  graphdef, _ = nnx.split(blocks[0])
+
+  def stack(*variables):
+    axes = variables[0].get_metadata().get("logical_axes") or (None,) * variables[0][...].ndim
+    return variables[0].replace(jnp.stack([v[...] for v in variables]), logical_axes=("layers", *axes))
+
+  states = [nnx.state(block) for block in blocks]
+  return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _windows(cfg: ModelConfig):
+  """A static window shared by every layer, or the per-layer windows [L] as data (NO_WINDOW = none)."""
+  windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+  if len(set(windows)) == 1:
+    return windows[0], None
+  return None, jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
+
+
+def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = True):
+  """apply(params, x, cos, sin, mask, window) -> x for one block, rematerialised by `policy`.
+
+  The window is a static int/None, or (static_window=False) a traced per-layer window from a scan.
+  Outside a scan XLA would merge the recomputation with the original forward (CSE) and keep the
+  activations after all, so the recomputation is fenced off there (`prevent_cse`); a scan body needs no fence.
+  """
+
+  def apply(params, x, cos, sin, mask, window):
+    return nnx.merge(graphdef, params)(x, cos, sin, mask, window)
+
+  if policy is None:
+    return apply
+  return jax.checkpoint(apply, policy=policy, prevent_cse=not in_scan, static_argnums=(5,) if static_window else ())
+
+
+def forward(layers, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo) -> jax.Array:
+  """x [B, T, D] through every block (loop or scan). `layers`: nnx.List of blocks, or one stacked block."""
+  policy = remat_policy(cfg.remat)
+  if not cfg.scan_layers:
+    for i, block in enumerate(layers):
+      graphdef, params = nnx.split(block)
+      x = _block_fn(graphdef, policy)(params, x, cos, sin, mask, cfg.layer_window(i))
+    return x
+  graphdef, params = nnx.split(layers)
+  static_window, windows = _windows(cfg)
+  apply = _block_fn(graphdef, policy, in_scan=True, static_window=windows is None)
+
+  def body(x, layer):
+    params_i, *window_i = layer
+    return apply(params_i, x, cos, sin, mask, window_i[0] if window_i else static_window), None
+
+  return jax.lax.scan(body, x, (params,) if windows is None else (params, windows))[0]
+
+
+def init_layer_caches(cfg: ModelConfig, kv: jax.Array):
+  """Per-layer caches: a tuple of {"k", "v"} [B, S, K, H] (loop), or one {"k", "v"} [L, B, S, K, H] (scan)."""
+  if cfg.scan_layers:
+    stacked = jnp.broadcast_to(kv, (cfg.num_layers, *kv.shape))
+    return {"k": stacked, "v": stacked}
+  return tuple({"k": kv, "v": kv} for _ in range(cfg.num_layers))
+
+
+def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, caches, index: jax.Array):
+  """Cached decoding through every block: (new per-layer caches, x [B, T, D]). See `Block.decode`."""
+  if not cfg.scan_layers:
+    new_caches = []
+    for i, block in enumerate(layers):
+      cache, x = block.decode(x, cos, sin, mask, caches[i], index, cfg.layer_window(i))
+      new_caches.append(cache)
+    return tuple(new_caches), x
+  graphdef, params = nnx.split(layers)
+  static_window, windows = _windows(cfg)
+
+  def body(carry, layer):
+    x, caches = carry
+    i, params_i, *window_i = layer
+    layer_cache = jax.tree.map(lambda c: c[i], caches)  # {"k", "v"} [B, S, K, H]
+    block = nnx.merge(graphdef, params_i)
+    layer_cache, x = block.decode(x, cos, sin, mask, layer_cache, index, window_i[0] if window_i else static_window)
+    caches = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, i, 0), caches, layer_cache)
+    return (x, caches), None
+
+  layers_xs = (jnp.arange(cfg.num_layers), params) + (() if windows is None else (windows,))
+  (x, caches), _ = jax.lax.scan(body, (x, caches), layers_xs)
+  return caches, x
