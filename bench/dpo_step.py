@@ -29,10 +29,12 @@ from model_throughput import PRESETS, matmul_rate, time_call  # noqa: E402
 
 from jaxalign import sharding  # noqa: E402
 from jaxalign.algorithms.objectives import objective_for  # noqa: E402
-from jaxalign.algorithms.step import OptimConfig, StepFns, TrainState, make_optimizer, make_train_step  # noqa: E402
+from jaxalign.algorithms.step import (OptimConfig, StepFns, TrainState, init_opt_state, make_optimizer,  # noqa: E402
+                                      make_train_step)
 from jaxalign.algorithms.lora import LoraConfig  # noqa: E402
 from jaxalign.data import digits_tokenizer  # noqa: E402
 from jaxalign.models import CausalLM, ModelConfig, save_hf  # noqa: E402
+from jaxalign.trainer import frozen_copy  # noqa: E402
 
 
 def pair_batch(rng, pairs: int, prompt: int, response: int, vocab: int) -> dict:
@@ -45,18 +47,22 @@ def pair_batch(rng, pairs: int, prompt: int, response: int, vocab: int) -> dict:
   return {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids)}
 
 
-def jaxalign_step_time(cfg: ModelConfig, batch: dict, repeats: int, impl: str) -> float:
+def jaxalign_step_time(cfg: ModelConfig, batch: dict, repeats: int, impl: str, mu_dtype: str | None = None) -> float:
+  """Seconds per DPO step: params and Adam moments sharded over the mesh, the reference in the compute dtype."""
   mesh = sharding.make_mesh(sharding.MeshConfig())
   model = sharding.create_sharded(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)), mesh)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
-  tx = make_optimizer(OptimConfig(lr=1e-6, max_grad_norm=1.0), 1000)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  tx = make_optimizer(OptimConfig(lr=1e-6, max_grad_norm=1.0, mu_dtype=mu_dtype), 1000)
   fns = StepFns(graphdef, objective_for("preference", "dpo"), tx, {"beta": 0.1}, LoraConfig(), {"impl": impl})
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  train_state = TrainState(params, jax.jit(tx.init)(params), jax.device_put(jnp.zeros((), jnp.int32), replicated),
+  train_state = TrainState(params, init_opt_state(tx, params, shardings, mesh),
+                           jax.device_put(jnp.zeros((), jnp.int32), replicated),
                            jax.device_put(jax.random.PRNGKey(0), replicated))
-  frozen = {"reference": jax.tree.map(jnp.copy, params)}
-  step = jax.jit(make_train_step(fns), donate_argnums=0)
+  frozen = {"reference": frozen_copy(params, cfg.compute_dtype)}
+  state_shardings = jax.tree.map(lambda x: x.sharding, train_state)
+  step = jax.jit(make_train_step(fns), out_shardings=(state_shardings, None), donate_argnums=0)
   batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.P()))
   holder = {"state": train_state}
 
@@ -81,7 +87,10 @@ def peer_step_time(python: str, model_dir: pathlib.Path, args) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=PRESETS, default="tiny")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+  parser.add_argument("--param-dtype", choices=("float32", "bfloat16"),
+                      help="dtype of the trained weights (default: --dtype); the reference is held in --dtype")
+  parser.add_argument("--mu-dtype", choices=("float32", "bfloat16"), help="Adam first moment (default: params')")
   parser.add_argument("--pairs", type=int, default=4)
   parser.add_argument("--prompt-len", type=int, default=128)
   parser.add_argument("--response-len", type=int, default=128)
@@ -93,9 +102,9 @@ def main():
   preset = dict(PRESETS[args.preset])
   if args.peer_python:
     preset["vocab_size"] = max(preset["vocab_size"], len(digits_tokenizer()))
-  cfg = ModelConfig(family="llama", param_dtype=args.dtype, dtype=args.dtype, **preset)
+  cfg = ModelConfig(family="llama", param_dtype=args.param_dtype or args.dtype, dtype=args.dtype, **preset)
   batch = pair_batch(np.random.default_rng(0), args.pairs, args.prompt_len, args.response_len, cfg.vocab_size)
-  seconds = jaxalign_step_time(cfg, batch, args.repeats, args.impl)
+  seconds = jaxalign_step_time(cfg, batch, args.repeats, args.impl, args.mu_dtype)
 
   tokens = args.pairs * (args.prompt_len + 2 * args.response_len)  # prompt counted once
   processed = args.pairs * 2 * (args.prompt_len + args.response_len)
@@ -105,7 +114,8 @@ def main():
   device = jax.devices()[0]
   rate = matmul_rate(jnp.dtype(args.dtype), 2048 if device.platform == "cpu" else 8192, args.repeats)
   print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, model {args.preset} "
-        f"{cfg.num_params() / 1e6:.1f}M params {args.dtype}, {args.pairs} pairs x ({args.prompt_len} prompt + "
+        f"{cfg.num_params() / 1e6:.1f}M params {cfg.param_dtype} "
+        f"(compute {args.dtype}), {args.pairs} pairs x ({args.prompt_len} prompt + "
         f"2 x {args.response_len} response)")
   print("| implementation | step ms | tokens/s | MFU | peak memory |\n|---|---|---|---|---|")
   peak = (device.memory_stats() or {}).get("peak_bytes_in_use")

@@ -19,7 +19,8 @@ from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
 from jaxalign.algorithms.forward import rows, sequence_logps
 from jaxalign.algorithms.objectives import Objective, objective_for
-from jaxalign.algorithms.step import StepFns, TrainState, make_eval_step, make_optimizer, make_train_step
+from jaxalign.algorithms.step import (StepFns, TrainState, init_opt_state, make_eval_step, make_optimizer,
+                                      make_train_step)
 from jaxalign.checkpoint import Checkpointer
 from jaxalign.config import ConfigError, TrainConfig, to_dict
 from jaxalign.data import batching, synthetic
@@ -70,6 +71,22 @@ def build_params(cfg: TrainConfig, objective: Objective, mesh):
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_cls(mcfg, rngs=nnx.Rngs(0))))
   shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, cfg.mesh.rules))
   return graphdef, params, shardings, mcfg
+
+
+def frozen_copy(params, dtype, *, copy: bool = True):
+  """Frozen weights (a reference copy, the LoRA base, a reward model) in the compute `dtype`.
+
+  Floating leaves wider than `dtype` are cast to it (a float32 tree becomes bfloat16 under bf16 compute;
+  nothing is ever widened, since the model casts its weights to the compute dtype anyway), each in its own
+  sharding. Other leaves are copied, or returned as they are when no leaf needs a cast and `copy` is
+  false (for a tree nothing else holds, such as the LoRA base: a copy would only double its memory).
+  """
+  dtype = jnp.dtype(dtype)
+  narrow = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
+  if not copy and not any(narrow(x) for x in jax.tree.leaves(params)):
+    return params
+  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if narrow(x) else jnp.copy(x), tree)
+  return jax.jit(cast, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
 
 
 def stack_micro_batches(batches: list[dict]) -> dict:
@@ -147,12 +164,14 @@ def _objective(cfg: TrainConfig) -> Objective:
 
 
 def _scalar_model(path: str, cfg: TrainConfig, mesh):
-  """(graphdef, params) of a reward model directory (*ForSequenceClassification)."""
+  """(graphdef computing in model.dtype, params in model.param_dtype) of a reward model directory
+  (*ForSequenceClassification)."""
   model, mcfg = load_hf(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules)
   if not isinstance(model, ScalarModel):
     raise ConfigError(f"rl.reward_model={path} is not a reward model (*ForSequenceClassification)")
-  graphdef, state = nnx.split(model)
-  return graphdef, nnx.to_pure_dict(state)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: ScalarModel(mcfg.replace(dtype=cfg.model.dtype),
+                                                             rngs=nnx.Rngs(0))))
+  return graphdef, nnx.to_pure_dict(nnx.state(model))
 
 
 def _attach_online(run: Run) -> None:
@@ -160,23 +179,28 @@ def _attach_online(run: Run) -> None:
   RL step / eval."""
   cfg = run.cfg
   sampling = cfg.rl.sampling(run.tokenizer)
-  reward_graphdef = critic_graphdef = None
+  reward_graphdef = critic_graphdef = reward_params = None
+  if cfg.algorithm == "ppo" and cfg.lora.enabled:
+    raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
   if cfg.rl.reward_model:
-    reward_graphdef, run.frozen["reward_model"] = _scalar_model(cfg.rl.reward_model, cfg, run.mesh)
+    reward_graphdef, reward_params = _scalar_model(cfg.rl.reward_model, cfg, run.mesh)
+    # A copy only when PPO's critic trains from the originals (the step donates the trainable).
+    run.frozen["reward_model"] = frozen_copy(reward_params, run.model_config.compute_dtype,
+                                             copy=cfg.algorithm == "ppo")
   if cfg.algorithm == "ppo":
-    if cfg.lora.enabled:
-      raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
-    if reward_graphdef is not None:  # critic initialised from the reward model
-      critic_graphdef, value = reward_graphdef, jax.tree.map(jnp.copy, run.frozen["reward_model"])
-    else:  # from the policy's backbone with a zero value head
-      head = sharding.create_sharded(lambda: ScalarModel(run.model_config, rngs=nnx.Rngs(cfg.seed)), run.mesh,
-                                     cfg.mesh.rules)
-      critic_graphdef = nnx.graphdef(head)
-      score = jax.tree.map(jnp.zeros_like, nnx.to_pure_dict(nnx.state(head, nnx.Param))["score"])
+    if reward_graphdef is not None:  # critic initialised from the reward model (its param_dtype weights)
+      critic_graphdef, value = reward_graphdef, reward_params
+    else:  # from the policy's backbone with a zero value head (created in its sharding; nothing else is built)
+      critic_graphdef, abstract = nnx.split(nnx.eval_shape(lambda: ScalarModel(run.model_config, rngs=nnx.Rngs(0))))
+      head = nnx.to_pure_dict(abstract)["score"]
+      head_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, run.mesh, cfg.mesh.rules))["score"]
+      score = jax.tree.map(lambda x, s: jnp.zeros(x.shape, x.dtype, device=s), head, head_shardings)
       value = {"model": jax.tree.map(jnp.copy, run.state.trainable["model"]), "score": score}
     trainable = {"policy": run.state.trainable, "value": value}
+    shardings = jax.tree.map(lambda x: x.sharding, trainable)
     with sharding.use_mesh(run.mesh, cfg.mesh.rules):
-      run.state = run.state._replace(trainable=trainable, opt_state=jax.jit(run.fns.tx.init)(trainable))
+      run.state = run.state._replace(trainable=trainable,
+                                     opt_state=init_opt_state(run.fns.tx, trainable, shardings, run.mesh))
 
   def fns_for(data: Batches):
     reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in data.examples}, cfg.rl.rewards)
@@ -201,17 +225,19 @@ def build_run(cfg: TrainConfig) -> Run:
   key = jax.random.PRNGKey(cfg.seed)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   frozen = {}
-  if cfg.lora.enabled:
-    adapter_sh = lora_lib.adapter_shardings(param_shardings, cfg.lora)
-    trainable = jax.device_put(lora_lib.init_adapters(params, cfg.lora, jax.random.fold_in(key, 1)), adapter_sh)
-    frozen["base"] = params
+  if cfg.lora.enabled:  # float32 master weights only for what trains: the base is held in the compute dtype
+    trainable_shardings = lora_lib.adapter_shardings(param_shardings, cfg.lora)
+    adapters = lora_lib.init_adapters(params, cfg.lora, jax.random.fold_in(key, 1))
+    trainable = jax.device_put(adapters, trainable_shardings)
+    frozen["base"] = frozen_copy(params, mcfg.compute_dtype, copy=False)
   else:
-    trainable = params
+    trainable, trainable_shardings = params, param_shardings
     if objective.uses_reference and cfg.reference.mode == "model":
-      frozen["reference"] = jax.tree.map(jnp.copy, params)
+      frozen["reference"] = frozen_copy(params, mcfg.compute_dtype)
+  del params  # under LoRA a float32 base is freed once cast
   tx = make_optimizer(cfg.optim, cfg.steps)
   with sharding.use_mesh(mesh, cfg.mesh.rules):
-    opt_state = jax.jit(tx.init)(trainable)
+    opt_state = init_opt_state(tx, trainable, trainable_shardings, mesh)
   state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
                      jax.device_put(key, replicated))
   op = {"impl": cfg.logprob_impl}

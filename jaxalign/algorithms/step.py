@@ -37,12 +37,18 @@ class OptimConfig:
   max_grad_norm: float = 1.0
   # Micro-batches per optimiser step.
   grad_accum: int = 1
+  # dtype of Adam's first moment: None = the parameters' dtype, or "bfloat16" / "float32". The second
+  # moment always follows the parameter dtype, so TRL's bf16 precision is model.param_dtype=bfloat16
+  # optim.mu_dtype=bfloat16, and float32 master weights and moments are the default with param_dtype float32.
+  mu_dtype: str | None = None
 
   def __post_init__(self):
     if self.schedule not in ("constant", "linear", "cosine"):
       raise ValueError(f"optim.schedule={self.schedule!r}; choose constant, linear or cosine")
     if self.grad_accum < 1:
       raise ValueError("optim.grad_accum must be >= 1")
+    if self.mu_dtype not in (None, "bfloat16", "float32"):
+      raise ValueError(f"optim.mu_dtype={self.mu_dtype!r}; choose bfloat16, float32 or null (the parameters' dtype)")
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -53,11 +59,33 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
            "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)}[cfg.schedule]
   schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay],
                                   [cfg.warmup_steps]) if cfg.warmup_steps else decay
-  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      mu_dtype=cfg.mu_dtype)
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
   # A non-finite gradient leaves the parameters as they were (the loop then stops with a clear error),
   # so no NaN ever reaches a checkpoint.
   return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_trainable, trainable_shardings,
+                        mesh: jax.sharding.Mesh):
+  """The sharding pytree of `tx.init(trainable)`: each moment in its parameter's sharding, everything else
+  (step counts, apply_if_finite's flags) replicated.
+
+  `abstract_trainable` may be concrete arrays or `jax.ShapeDtypeStruct`s; `trainable_shardings` has the
+  trainable's structure with a `jax.sharding.Sharding` per leaf.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  abstract_state = jax.eval_shape(tx.init, abstract_trainable)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract_state, trainable_shardings,
+                               transform_non_params=lambda _: replicated)
+
+
+def init_opt_state(tx: optax.GradientTransformation, trainable, trainable_shardings, mesh: jax.sharding.Mesh):
+  """`tx.init(trainable)` created directly in `opt_state_shardings` (a plain `jax.jit(tx.init)` would
+  replicate every moment on every device)."""
+  shardings = opt_state_shardings(tx, trainable, trainable_shardings, mesh)
+  return jax.jit(tx.init, out_shardings=shardings)(trainable)
 
 
 class TrainState(NamedTuple):

@@ -10,7 +10,7 @@ TINY_MODEL = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num
 
 def tiny_stage(tmp_path, **overrides) -> TrainConfig:
   base = {
-    "model": TINY_MODEL, "tokenizer": "builtin:digits", "steps": 4, "run_dir": str(tmp_path / "run"),
+    "model": dict(TINY_MODEL), "tokenizer": "builtin:digits", "steps": 4, "run_dir": str(tmp_path / "run"),
     "data": {"train": ["synthetic:sort"], "max_length": 32, "max_prompt_length": 16, "batch_size": 8,
              "synthetic_size": [64, 16], "format": "sft"},
     "optim": {"lr": 3e-3}, "log": {"every": 1, "progress": False, "tensorboard": False},
