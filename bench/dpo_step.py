@@ -96,13 +96,16 @@ def main():
   parser.add_argument("--response-len", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--impl", default="auto", help="token_logprobs implementation")
+  parser.add_argument("--remat", default=ModelConfig.remat, help="decoder block rematerialisation policy")
+  parser.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
   parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_dpo.py)")
   args = parser.parse_args()
 
   preset = dict(PRESETS[args.preset])
   if args.peer_python:
     preset["vocab_size"] = max(preset["vocab_size"], len(digits_tokenizer()))
-  cfg = ModelConfig(family="llama", param_dtype=args.param_dtype or args.dtype, dtype=args.dtype, **preset)
+  cfg = ModelConfig(family="llama", param_dtype=args.param_dtype or args.dtype, dtype=args.dtype, remat=args.remat,
+                    scan_layers=args.scan_layers, **preset)
   batch = pair_batch(np.random.default_rng(0), args.pairs, args.prompt_len, args.response_len, cfg.vocab_size)
   seconds = jaxalign_step_time(cfg, batch, args.repeats, args.impl, args.mu_dtype)
 

@@ -30,6 +30,8 @@ PRESETS = {
              vocab_size=128256, tie_embeddings=True),
   "8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
              vocab_size=128256),
+  "70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
+              vocab_size=128256),
 }
 
 

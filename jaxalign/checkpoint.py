@@ -45,6 +45,11 @@ class Checkpointer:
       log.info("checkpoint: saved step %d to %s", step, self.directory)
     return saved
 
+  def metadata(self, step: int | None = None) -> dict:
+    """The JSON metadata (data position, config) saved with `step` (default: latest), without the state."""
+    step = self.latest_step() if step is None else step
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
     """Restore `step` (default: latest) into the shapes, dtypes and shardings of `abstract`."""
     step = self.latest_step() if step is None else step

@@ -58,8 +58,9 @@ def build_params(cfg: TrainConfig, objective: Objective, mesh):
   """(graphdef, params as a pure dict, their shardings, model config) for the policy being trained."""
   model_cls = ScalarModel if objective.scalar_head else CausalLM
   if cfg.init_from:
-    loaded, mcfg = load_hf(cfg.init_from, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules)
-    mcfg = mcfg.replace(dtype=cfg.model.dtype)
+    loaded, mcfg = load_hf(cfg.init_from, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules,
+                           scan_layers=cfg.model.scan_layers)
+    mcfg = mcfg.with_execution_of(cfg.model)
     params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     if model_cls is ScalarModel and isinstance(loaded, CausalLM):  # reward model from an LM: fresh score head
       head = sharding.create_sharded(lambda: ScalarModel(mcfg, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.mesh.rules)
@@ -74,19 +75,27 @@ def build_params(cfg: TrainConfig, objective: Objective, mesh):
 
 
 def frozen_copy(params, dtype, *, copy: bool = True):
-  """Frozen weights (a reference copy, the LoRA base, a reward model) in the compute `dtype`.
-
-  Floating leaves wider than `dtype` are cast to it (a float32 tree becomes bfloat16 under bf16 compute;
-  nothing is ever widened, since the model casts its weights to the compute dtype anyway), each in its own
-  sharding. Other leaves are copied, or returned as they are when no leaf needs a cast and `copy` is
-  false (for a tree nothing else holds, such as the LoRA base: a copy would only double its memory).
+  """Frozen weights (a reference copy, the LoRA base, a reward model) held as `frozen_dtype` says, each
+  in its own sharding. Returned as they are when nothing needs a cast and `copy` is false (for a tree
+  nothing else holds, such as the LoRA base: a copy would only double its memory).
   """
-  dtype = jnp.dtype(dtype)
-  narrow = lambda x: jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize > dtype.itemsize
-  if not copy and not any(narrow(x) for x in jax.tree.leaves(params)):
+  if not copy and all(frozen_dtype(x, dtype) == x.dtype for x in jax.tree.leaves(params)):
     return params
-  cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype) if narrow(x) else jnp.copy(x), tree)
-  return jax.jit(cast, out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+
+  def cast(x):  # jnp.copy, not a no-op astype: jit would forward the input, a buffer the step may donate
+    target = frozen_dtype(x, dtype)
+    return x.astype(target) if target != x.dtype else jnp.copy(x)
+
+  return jax.jit(lambda tree: jax.tree.map(cast, tree), out_shardings=jax.tree.map(lambda x: x.sharding, params))(params)
+
+
+def frozen_dtype(x, compute_dtype) -> jnp.dtype:
+  """The dtype a frozen weight `x` is held in: float matrices narrowed to the compute dtype (the model casts
+  them to it anyway, so results do not change), never widened. Vectors (norm scales, biases) keep their
+  dtype: they cost nothing, and Gemma's (1 + w) norm reads its scale in float32."""
+  dtype, compute_dtype = jnp.dtype(x.dtype), jnp.dtype(compute_dtype)
+  narrow = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > compute_dtype.itemsize and len(x.shape) > 1
+  return compute_dtype if narrow else dtype
 
 
 def stack_micro_batches(batches: list[dict]) -> dict:
@@ -101,12 +110,17 @@ def stack_micro_batches(batches: list[dict]) -> dict:
   return {k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]}
 
 
-def put_batch(batch: dict, mesh, rules, leading: int) -> dict:
-  """Device-put a batch with its example axis (after `leading` axes) over the batch mesh axes."""
-  def put(x):
+def batch_shardings(batch: dict, mesh, rules, leading: int) -> dict:
+  """Each batch array's sharding: its example axis (after `leading` axes) over the batch mesh axes."""
+  def spec(x):
     names = (None,) * leading + ("batch",) + (None,) * (x.ndim - leading - 1)
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh, rules)))
-  return {k: put(v) for k, v in batch.items()}
+    return jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names, x.shape, mesh, rules))
+  return {k: spec(v) for k, v in batch.items()}
+
+
+def put_batch(batch: dict, mesh, rules, leading: int) -> dict:
+  """Device-put a batch in its `batch_shardings`."""
+  return jax.device_put(batch, batch_shardings(batch, mesh, rules, leading))
 
 
 def precompute_reference(run: "Run", data: Batches) -> None:
@@ -155,7 +169,8 @@ class Run:
     return put_batch(micro, self.mesh, self.cfg.mesh.rules, 1)
 
 
-def _objective(cfg: TrainConfig) -> Objective:
+def objective_of(cfg: TrainConfig) -> Objective:
+  """The Objective that `cfg.algorithm` (offline or online) trains."""
   if cfg.algorithm in online.ALGORITHMS:
     spec = online.ALGORITHMS[cfg.algorithm]
     uses_reference = online.needs_reference(spec, cfg.rl, dict(cfg.loss.params))
@@ -163,14 +178,44 @@ def _objective(cfg: TrainConfig) -> Objective:
   return objective_for(cfg.algorithm, cfg.loss.name)
 
 
+def check_combination(cfg: TrainConfig, objective: Objective) -> None:
+  """Config keys that are valid alone but not together (checked by `build_run` and by `--plan`)."""
+  online_run = cfg.algorithm in online.ALGORITHMS
+  if objective.data_format != cfg.data.format:
+    raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
+                      f"but data.format={cfg.data.format}")
+  if cfg.algorithm == "ppo" and cfg.lora.enabled:
+    raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
+  if online_run and cfg.optim.grad_accum != 1:
+    raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
+  if cfg.model.attention_impl == "cudnn" and (cfg.data.packing or online_run):
+    raise ConfigError("model.attention_impl=cudnn masks padding as per-row lengths (one right-padded document "
+                      "per row): it cannot serve data.packing or an online algorithm's left-padded rollouts")
+
+
+# Keys that change the checkpointed state's layout: a resume with other values is a different run.
+LAYOUT_KEYS = ("algorithm", "model.scan_layers", "model.param_dtype", "optim.mu_dtype", "lora.rank")
+
+
+def check_resumable(cfg: TrainConfig, saved_config: dict, directory) -> None:
+  """One-line error when the checkpoint in `directory` was written by a run of another state layout."""
+  now = to_dict(cfg)
+  for key in LAYOUT_KEYS:
+    section, _, leaf = key.rpartition(".")
+    was, is_ = ((c.get(section, {}) if section else c).get(leaf) for c in (saved_config, now))
+    if was != is_:
+      raise ConfigError(f"{directory} holds a run with {key}={was!r}, this config has {key}={is_!r}: resume "
+                        f"with the same {key}, or use another run_dir")
+
+
 def _scalar_model(path: str, cfg: TrainConfig, mesh):
   """(graphdef computing in model.dtype, params in model.param_dtype) of a reward model directory
   (*ForSequenceClassification)."""
-  model, mcfg = load_hf(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules)
+  model, mcfg = load_hf(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules,
+                        scan_layers=cfg.model.scan_layers)
   if not isinstance(model, ScalarModel):
     raise ConfigError(f"rl.reward_model={path} is not a reward model (*ForSequenceClassification)")
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: ScalarModel(mcfg.replace(dtype=cfg.model.dtype),
-                                                             rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: ScalarModel(mcfg.with_execution_of(cfg.model), rngs=nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(nnx.state(model))
 
 
@@ -178,10 +223,7 @@ def _attach_online(run: Run) -> None:
   """Online algorithms: rewards (rules over each split's gold answers, a reward model), PPO's critic, and the
   RL step / eval."""
   cfg = run.cfg
-  sampling = cfg.rl.sampling(run.tokenizer)
   reward_graphdef = critic_graphdef = reward_params = None
-  if cfg.algorithm == "ppo" and cfg.lora.enabled:
-    raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
   if cfg.rl.reward_model:
     reward_graphdef, reward_params = _scalar_model(cfg.rl.reward_model, cfg, run.mesh)
     # A copy only when PPO's critic trains from the originals (the step donates the trainable).
@@ -202,21 +244,22 @@ def _attach_online(run: Run) -> None:
       run.state = run.state._replace(trainable=trainable,
                                      opt_state=init_opt_state(run.fns.tx, trainable, shardings, run.mesh))
 
-  def fns_for(data: Batches):
-    reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in data.examples}, cfg.rl.rewards)
-    return online.OnlineFns(run.fns, online.ALGORITHMS[cfg.algorithm], cfg.rl, sampling, reward,
-                            run.objective.uses_reference, critic_graphdef, reward_graphdef)
+  run.train_fn = online.make_rl_step(online_fns(run, run.train_data.examples, critic_graphdef, reward_graphdef))
+  run.eval_fn = online.make_rl_eval(online_fns(run, run.eval_data.examples, critic_graphdef, reward_graphdef))
 
-  run.train_fn, run.eval_fn = online.make_rl_step(fns_for(run.train_data)), online.make_rl_eval(fns_for(run.eval_data))
+
+def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.OnlineFns:
+  """The online step's static pieces; rule rewards look up the gold answers of `examples`."""
+  reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards)
+  return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl, run.cfg.rl.sampling(run.tokenizer),
+                          reward, run.objective.uses_reference, critic_graphdef, reward_graphdef)
 
 
 def build_run(cfg: TrainConfig) -> Run:
   sharding.initialize_distributed(cfg.mesh.distributed)
   mesh = sharding.make_mesh(cfg.mesh)
-  objective = _objective(cfg)
-  if objective.data_format != cfg.data.format:
-    raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
-                      f"but data.format={cfg.data.format}")
+  objective = objective_of(cfg)
+  check_combination(cfg, objective)
   tokenizer = build_tokenizer(cfg)
   graphdef, params, param_shardings, mcfg = build_params(cfg, objective, mesh)
   check_vocab(tokenizer, mcfg.vocab_size, f"tokenizer {cfg.tokenizer or cfg.init_from or 'builtin:digits'}")
@@ -245,8 +288,6 @@ def build_run(cfg: TrainConfig) -> Run:
   run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
             make_train_step(fns), make_eval_step(fns))
   if run.online:
-    if cfg.optim.grad_accum != 1:
-      raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
     _attach_online(run)
   elif objective.uses_reference and cfg.reference.mode == "precomputed":
     for data in (train_data, eval_data):
@@ -264,8 +305,8 @@ def evaluate(run: Run, eval_fn) -> dict[str, float]:
 
 def export(run: Run, path: pathlib.Path) -> pathlib.Path:
   params = run.state.trainable["policy"] if run.cfg.algorithm == "ppo" else run.state.trainable
-  if run.cfg.lora.enabled:
-    params = lora_lib.merge(run.frozen["base"], params, run.cfg.lora)
+  if run.cfg.lora.enabled:  # merged in the master dtype (the base is held in the compute dtype)
+    params = lora_lib.merge(run.frozen["base"], params, run.cfg.lora, dtype=run.model_config.weight_dtype)
   return save_hf(nnx.merge(run.fns.graphdef, params), run.model_config, path, tokenizer=run.tokenizer)
 
 
@@ -279,6 +320,7 @@ def train(cfg: TrainConfig) -> dict:
     train_step = jax.jit(run.train_fn, out_shardings=(state_shardings, None), donate_argnums=0)
     eval_fn = jax.jit(run.eval_fn)
   if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+    check_resumable(cfg, ckpt.metadata()["config"], ckpt.directory)
     run.state, meta = ckpt.restore(run.state)
     run.train_data.restore(meta["data"])
   start = int(run.state.step)

@@ -32,7 +32,10 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "au
   targets, mask = loss_targets(batch)
   hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])[:, :-1]  # [R, T-1, D]
   r, t, d = hidden.shape
-  out = ops.token_logprobs(hidden.reshape(r * t, d), model.head_weight(), targets.reshape(-1),
+  # The head in the compute dtype, like every other weight: a float32-master policy and its compute-dtype
+  # frozen reference then give identical log-probs at identical weights.
+  weight = model.head_weight().astype(hidden.dtype)
+  out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1),
                            temperature=temperature, return_entropy=return_entropy, impl=impl)
   if return_entropy:
     logps, entropy = out

@@ -46,7 +46,8 @@ def _name(path: tuple) -> str:
 
 def init_adapters(params: dict, cfg: LoraConfig, key: jax.Array) -> dict:
   """{module path: {"a": [..., in, r], "b": [..., r, out]}} for every targeted kernel of a pure param dict
-  (B = 0). A kernel stacked over layers ([L, in, out], scan_layers) gets stacked adapters [L, in, r]."""
+  (B = 0). A kernel stacked over layers ([L, in, out], scan_layers) gets stacked adapters [L, in, r], drawn
+  from one key per kernel: the same seed gives different initial A's in the two layouts."""
   targets = [(p, v) for p, v in traverse_util.flatten_dict(params).items() if _adapted(p, cfg)]
   if not targets:
     raise ValueError(f"lora.targets {cfg.targets} match no projection of the model")
@@ -64,18 +65,19 @@ def adapter_shardings(param_shardings: dict, cfg: LoraConfig) -> dict:
   out = {}
   for path, sharding in traverse_util.flatten_dict(param_shardings).items():
     if _adapted(path, cfg):
-      *lead, spec_in, spec_out = (None,) * (2 - len(sharding.spec)) + tuple(sharding.spec)
+      *lead, spec_in, spec_out = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
       out[_name(path)] = {"a": sharding.update(spec=jax.P(*lead, spec_in, None)),
                           "b": sharding.update(spec=jax.P(*lead, None, spec_out))}
   return out
 
 
-def merge(params: dict, adapters: dict, cfg: LoraConfig) -> dict:
-  """Base parameters with the adapters folded in (traceable: used in every training forward)."""
+def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
+  """Base parameters with the adapters folded in (traceable: used in every training forward), adapted
+  kernels in `dtype` (default: the base's; export asks for the master dtype of a compute-dtype base)."""
   flat = traverse_util.flatten_dict(params)
   for path, kernel in flat.items():
     adapter = adapters.get(_name(path)) if _adapted(path, cfg) else None
     if adapter is not None:
       delta = cfg.scale * (adapter["a"] @ adapter["b"])
-      flat[path] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+      flat[path] = (kernel.astype(jnp.float32) + delta).astype(dtype or kernel.dtype)
   return traverse_util.unflatten_dict(flat)

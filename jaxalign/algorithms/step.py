@@ -134,7 +134,10 @@ def make_train_step(fns: StepFns):
     grad_fn = jax.value_and_grad(fns.micro_loss, has_aux=True)
 
     def accumulate(grads, micro_batch):
-      (loss, metrics), g = grad_fn(state.trainable, frozen_params, micro_batch, counts)
+      # Tie the weights to this micro-batch, so XLA cannot hoist their FSDP all-gathers out of the scan
+      # (all layers' weights gathered at once: the whole model on every device).
+      trainable, frozen, micro_batch = jax.lax.optimization_barrier((state.trainable, frozen_params, micro_batch))
+      (loss, metrics), g = grad_fn(trainable, frozen, micro_batch, counts)
       return jax.tree.map(jnp.add, grads, g), {**metrics, "loss": loss}
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)

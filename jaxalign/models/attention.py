@@ -15,21 +15,6 @@ from jaxalign.models.layers import Dense, RMSNorm
 from jaxalign.models.rope import apply_rotary
 
 
-def causal_segment_mask(segment_ids: jax.Array, window: int | None = None) -> jax.Array:
-  """Boolean [B, T, S=T] mask: query t sees key s iff s <= t, both in the same non-zero segment,
-  and (with a sliding window) t - s < window.
-
-  segment_ids [B, T]: 0 marks padding, equal positive ids mark one document (a plain padded batch
-  is its attention mask; a packed row numbers its documents 1, 2, ...).
-  """
-  t = jnp.arange(segment_ids.shape[1])
-  causal = t[None, :] <= t[:, None]  # [T, S]
-  if window is not None:
-    causal &= t[:, None] - t[None, :] < window
-  same_doc = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-  return causal[None] & same_doc  # [B, T, S]
-
-
 class MaskInfo(NamedTuple):
   """Which keys each query sees, as O(T + S) data: query t sees key s iff both are in the same non-zero
   segment, k_positions[s] <= q_positions[t] and (with a window w) q_positions[t] - k_positions[s] < w.
@@ -46,15 +31,15 @@ class MaskInfo(NamedTuple):
 
 
 def sequence_mask_info(segment_ids: jax.Array) -> MaskInfo:
-  """Training / full forward: causal by index within each segment (`causal_segment_mask`'s rule)."""
+  """Training / full forward: query t sees key s iff s <= t and both are in the same non-zero segment."""
   index = jnp.broadcast_to(jnp.arange(segment_ids.shape[1], dtype=jnp.int32), segment_ids.shape)  # [B, T]
   return MaskInfo(index, segment_ids.astype(jnp.int32))
 
 
 def cache_mask_info(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array) -> MaskInfo:
-  """Cached decoding: query t (a real token) sees cache slot s iff the slot holds a real token, its position
-  is <= the query's, and (with a sliding window) q_pos - k_pos < window. For one left-padded sequence per
-  row this is `causal_segment_mask` of that row restricted to the cached slots."""
+  """Cached decoding: query t (a real token) sees cache slot s iff the slot holds a real token and its
+  position is <= the query's (the layer's window then applies to q_pos - k_pos). For one left-padded
+  sequence per row this is `sequence_mask_info`'s rule restricted to the cached slots."""
   ones = jnp.ones_like(q_positions, jnp.int32)
   return MaskInfo(q_positions.astype(jnp.int32), ones, k_positions.astype(jnp.int32), k_valid.astype(jnp.int32))
 
@@ -116,10 +101,14 @@ class Attention(nnx.Module):
     """q [B, T, N, H], key/value [B, S, K, H] -> [B, T, D]."""
     b, t, n, h = q.shape
     self_attention = mask.k_positions is None  # the same arrays for q and k: the kernels can take it
+    # A kernel asked for by name serves the training-shaped calls it supports; cached decoding and a
+    # scan's traced per-layer windows take the blockwise path ("auto") instead of failing.
+    kernel_fits = self_attention and not isinstance(window, jax.Array)
     out = attention(q, key.astype(q.dtype), value.astype(q.dtype), q_positions=mask.q_positions,
                     k_positions=mask.q_positions if self_attention else mask.k_positions,
                     q_segment_ids=mask.q_segment_ids,
                     k_segment_ids=mask.q_segment_ids if self_attention else mask.k_segment_ids,
-                    window=window, softcap=self.softcap, impl=self.impl)
+                    window=window, softcap=self.softcap,
+                    impl=self.impl if kernel_fits or self.impl in ("naive", "xla") else "auto")
     out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))  # [B, T, N, H]
     return self.o_proj(out.reshape(b, t, n * h))  # [B, T, D]

@@ -7,12 +7,13 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from jaxalign.ops.attention import IMPLS as ATTENTION_IMPLS
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
 # What a decoder block keeps for the backward pass (jax.checkpoint policies; see `models.remat`).
 REMAT_POLICIES = ("none", "full", "save_dots", "offload")
-ATTENTION_IMPLS = ("auto", "xla", "naive", "splash", "pallas_gpu", "cudnn")
 # Keys that choose how the model runs, not what it computes: they never come from or go to config.json.
 EXECUTION_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_impl")
 

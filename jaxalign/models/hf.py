@@ -99,6 +99,9 @@ def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
   for key, value in fixed.items():
     if getattr(cfg, key) != value:
       raise CheckpointError(f"HF model_type {cfg.family!r} requires {key}={value}, config has {getattr(cfg, key)}")
+  if cfg.attn_logit_softcap is not None:
+    raise CheckpointError(f"HF model_type {cfg.family!r} has no attention logit soft-cap; config sets "
+                          f"attn_logit_softcap={cfg.attn_logit_softcap}")
   rope = {"rope_type": cfg.rope.type, "rope_theta": cfg.rope.theta}
   if cfg.rope.type != "default":
     rope["factor"] = cfg.rope.factor

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from jaxalign.models import CausalLM, ModelConfig, ScalarModel, default_positions, last_token_values, tiny
-from jaxalign.models.attention import causal_segment_mask
+from jaxalign.models.attention import sequence_mask_info
+from jaxalign.ops.attention_xla import visible
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma"])
@@ -35,7 +36,8 @@ def test_default_positions_left_right_padding_and_packing():
 
 def test_mask_blocks_other_documents_padding_and_far_keys():
   seg = jnp.array([[1, 1, 1, 2, 2, 0]])
-  mask = np.asarray(causal_segment_mask(seg, window=2))[0]
+  info = sequence_mask_info(seg)  # what the decoder gives the attention op for a packed row
+  mask = np.asarray(visible(info.q_positions, info.q_segment_ids, info.q_positions, info.q_segment_ids, 2))[0]
   expected = np.zeros((6, 6), bool)
   for t in range(6):
     for s in range(6):

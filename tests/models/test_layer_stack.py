@@ -126,3 +126,16 @@ def test_remat_policies_give_the_same_gradients_with_less_memory(policy, scan):
   temp = {name: s.lower(params).compile().memory_analysis().temp_size_in_bytes
           for name, s in (("none", step_none), (policy, step))}
   assert temp[policy] < (0.3 if policy == "full" else 0.6) * temp["none"], temp
+
+
+def test_a_kernel_asked_for_by_name_leaves_cached_decoding_to_the_blockwise_path():
+  """attention_impl=splash serves training-shaped calls; prefill and decode against the cache still work."""
+  cfg = tiny("llama", vocab_size=VOCAB)
+  ids, mask = _batch()
+  logits = {}
+  for impl in ("naive", "splash"):
+    model = CausalLM(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(0))
+    cache = model.init_cache(3, 12)
+    cache, hidden = model.decode(ids, default_positions(mask), cache, segment_ids=mask)
+    logits[impl] = model.logits(hidden) * mask[..., None]
+  np.testing.assert_allclose(logits["splash"], logits["naive"], atol=2e-5)

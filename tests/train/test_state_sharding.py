@@ -70,8 +70,8 @@ def check_tree(tree, names_of, mesh, rules, dtype=None) -> int:
     if names is None:
       assert leaf.sharding.is_fully_replicated and got == leaf.nbytes, path
       continue
-    if dtype is not None:
-      assert leaf.dtype == dtype, (path, leaf.dtype)
+    if dtype is not None:  # frozen trees narrow matrices only; vectors (norms, biases) stay float32
+      assert leaf.dtype == (dtype if leaf.ndim > 1 else jnp.float32), (path, leaf.dtype)
     assert got == shard_bytes(leaf.shape, names, leaf.dtype, mesh, rules), (path, leaf.sharding.spec)
     sharded += 1
   return sharded
@@ -176,3 +176,25 @@ def test_mu_dtype_is_validated(stage):
     OptimConfig(mu_dtype="float16")
   with pytest.raises(ConfigError, match=r"optim\.mu_dtype"):
     stage(optim__mu_dtype="int8")
+
+
+def test_bf16_reference_gives_the_policys_log_probs_at_step_zero(stage):
+  """float32 master policy vs its bf16-held reference: same weights in the compute dtype, so the DPO margin
+  starts at exactly 0 (an LM head kept in float32 for the policy alone would offset every log-prob)."""
+  run = build_run(bf16_compute(stage(**DPO, **MESH)))
+  batch = put_batch(next(run.train_data), run.mesh, run.cfg.mesh.rules, 0)
+  with sharding.use_mesh(run.mesh, run.cfg.mesh.rules):
+    stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, batch)
+  np.testing.assert_array_equal(stats.policy_chosen, stats.ref_chosen)
+  np.testing.assert_array_equal(stats.policy_rejected, stats.ref_rejected)
+  assert float(jnp.abs(stats.policy_chosen).min()) > 0
+
+
+def test_resuming_with_another_state_layout_is_a_one_line_error(stage, tmp_path):
+  from jaxalign.trainer import train
+
+  train(stage(**DPO, steps=2, run_dir=str(tmp_path / "run"), checkpoint__every=1))
+  with pytest.raises(ConfigError, match=r"holds a run with optim\.mu_dtype=None, this config has "
+                                        r"optim\.mu_dtype='bfloat16'"):
+    train(stage(**DPO, steps=3, run_dir=str(tmp_path / "run"), optim__mu_dtype="bfloat16"))
+  assert train(stage(**DPO, steps=3, run_dir=str(tmp_path / "run")))["eval_before"] is None  # same layout resumes
