@@ -13,8 +13,10 @@ from jaxalign.models import ScalarModel, save_hf
 from jaxalign.train import main
 from jaxalign.trainer import train
 
+# remat "none": at this size rematerialisation only adds recompute (tests/models/test_layer_stack.py checks
+# that every policy gives the same gradients).
 TINY = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
-        "num_kv_heads": 2, "max_position_embeddings": 32}
+        "num_kv_heads": 2, "max_position_embeddings": 32, "remat": "none"}
 
 
 def rl_stage(tmp_path, algorithm, **changes):

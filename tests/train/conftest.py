@@ -4,8 +4,10 @@ import pytest
 
 from jaxalign.config import TrainConfig, from_dict, set_key
 
+# remat "none": at this size rematerialisation only adds recompute (tests/models/test_layer_stack.py checks
+# that every policy gives the same gradients; the default-recipe CLI test runs the default, "full").
 TINY_MODEL = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
-              "num_kv_heads": 2, "max_position_embeddings": 32}
+              "num_kv_heads": 2, "max_position_embeddings": 32, "remat": "none"}
 
 
 def tiny_stage(tmp_path, **overrides) -> TrainConfig:

@@ -72,7 +72,7 @@ def test_plan_reads_only_config_json_of_init_from(stage, tmp_path):
     "num_attention_heads": 4, "num_key_value_heads": 2, "architectures": ["LlamaForCausalLM"]}))
   model = plan.model_config(stage(init_from=str(tmp_path), model__dtype="bfloat16", model__scan_layers=True))
   assert (model.hidden_size, model.num_layers, model.vocab_size) == (64, 2, 32)  # from config.json
-  assert (model.dtype, model.scan_layers, model.remat) == ("bfloat16", True, "full")  # from model.*
+  assert (model.dtype, model.scan_layers, model.remat) == ("bfloat16", True, "none")  # from model.*
   with pytest.raises(plan.ConfigError, match="no config.json"):
     plan.model_config(stage(init_from=str(tmp_path / "missing")))
 
