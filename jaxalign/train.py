@@ -90,26 +90,21 @@ def summary(stages: list[TrainConfig], results: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def plan_main(config: str | None, overrides: list[str], devices: int | None) -> int:
+def plan_main(stages: list[TrainConfig], devices: int | None) -> int:
   """--plan: the projected per-device memory of every stage's step; nothing allocated, no data read."""
   from jaxalign import plan
 
-  try:
-    stages = parse_stages(config, overrides)
-    sizes = {plan.mesh_size(cfg) for cfg in stages}
-    if devices is None and (None in sizes or len(sizes) > 1):
-      raise ConfigError("--plan: the mesh has a -1 axis (or stages differ); pass --devices N")
-    plan.use_fake_devices(devices or sizes.pop())
-    peaks, model_cfg = [], None
-    for cfg in stages:
-      previous = cfg.init_from == "@previous" and model_cfg is not None
-      model_cfg = model_cfg.with_execution_of(cfg.model) if previous else plan.model_config(cfg)
-      result = plan.plan(dataclasses.replace(cfg, model=model_cfg, init_from=None))
-      print(plan.report(cfg, result, model_cfg))
-      peaks.append(result.peak / plan.GIB)
-  except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  sizes = {plan.mesh_size(cfg) for cfg in stages}
+  if devices is None and (None in sizes or len(sizes) > 1):
+    raise ConfigError("--plan: the mesh has a -1 axis (or stages differ); pass --devices N")
+  plan.use_fake_devices(devices or sizes.pop())
+  peaks, model_cfg = [], None
+  for cfg in stages:
+    previous = cfg.init_from == "@previous" and model_cfg is not None
+    model_cfg = model_cfg.with_execution_of(cfg.model) if previous else plan.model_config(cfg)
+    result = plan.plan(dataclasses.replace(cfg, model=model_cfg, init_from=None))
+    print(plan.report(cfg, result, model_cfg))
+    peaks.append(result.peak / plan.GIB)
   if len(peaks) > 1:
     print(f"peak_gib_per_device={max(peaks):.3f}")
   return 0
@@ -127,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
   if args.help:
     print(help_text())
     return 0
-  if args.plan:
-    return plan_main(args.config, overrides, args.devices)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   for noisy in ("absl", "jax", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     stages = parse_stages(args.config, overrides)
+    if args.plan:
+      return plan_main(stages, args.devices)
     if args.print_config:
       from jaxalign.config import to_dict
       import yaml
