@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import pathlib
+import zlib
 from collections.abc import Iterator
 
 
@@ -18,28 +19,62 @@ class DataError(ValueError):
 Record = tuple[dict, str]
 
 
+def _utf8(data: bytes, path: pathlib.Path, number: int = 1) -> str:
+  """Decode UTF-8 text starting at line `number` (a leading byte-order mark on line 1 is dropped).
+
+  Bad bytes are a DataError naming the file, line and byte column.
+  """
+  try:
+    return data.decode("utf-8-sig" if number == 1 else "utf-8")
+  except UnicodeDecodeError as e:
+    line = number + data.count(b"\n", 0, e.start)
+    column = e.start - data.rfind(b"\n", 0, e.start)
+    raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})") from None
+
+
+def _lines(path: pathlib.Path) -> Iterator[tuple[int, bytes]]:
+  """(line number, raw bytes) of a plain or gzip file; a damaged gzip stream is a DataError."""
+  number = 0
+  with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+    try:
+      for number, line in enumerate(f, 1):
+        yield number, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+      if number == 0 and isinstance(e, gzip.BadGzipFile):
+        raise DataError(f"{path}: not a gzip file") from None
+      raise DataError(f"{path}: truncated or corrupt gzip stream after line {number}") from None
+
+
 def read_jsonl(path: pathlib.Path) -> Iterator[Record]:
-  opener = gzip.open if path.suffix == ".gz" else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-      if not isinstance(record, dict):
-        raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-      yield record, f"{path}:{number}"
+  number, empty = 0, True
+  for number, raw in _lines(path):
+    line = _utf8(raw, path, number)
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise DataError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+    empty = False
+    yield record, f"{path}:{number}"
+  if empty:
+    raise DataError(f"{path}: no records ({'only blank lines' if number else 'empty file'})")
 
 
 def read_json_array(path: pathlib.Path) -> Iterator[Record]:
+  text = _utf8(path.read_bytes(), path)
+  if not text.strip():
+    raise DataError(f"{path}: no records (empty file)")
   try:
-    records = json.loads(path.read_text(encoding="utf-8"))
+    records = json.loads(text)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
   if not isinstance(records, list):
     raise DataError(f"{path}: expected a JSON list of objects")
+  if not records:
+    raise DataError(f"{path}: no records (empty JSON list)")
   for i, record in enumerate(records):
     yield record, f"{path}:item {i}"
 
@@ -52,7 +87,12 @@ def _arrow_rows(table, where: str) -> Iterator[Record]:
 def read_parquet(path: pathlib.Path) -> Iterator[Record]:
   import pyarrow.parquet as pq
 
-  yield from _arrow_rows(pq.read_table(path), str(path))
+  if path.stat().st_size == 0:
+    raise DataError(f"{path}: no records (empty file)")
+  table = pq.read_table(path)
+  if table.num_rows == 0:
+    raise DataError(f"{path}: no records (no rows)")
+  yield from _arrow_rows(table, str(path))
 
 
 def read_hf_saved(path: pathlib.Path) -> Iterator[Record]:

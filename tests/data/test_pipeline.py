@@ -44,6 +44,68 @@ def test_malformed_line_and_missing_field_name_file_and_line(tmp_path):
     parse_records(read_records(str(path)), "preference")
 
 
+def _error(path) -> str:
+  """The DataError message reading `path` raises, checked to be one line naming the file."""
+  with pytest.raises(DataError) as info:
+    list(read_records(str(path)))
+  message = str(info.value)
+  assert "\n" not in message and message.startswith(str(path) + ":"), message
+  return message
+
+
+def test_non_utf8_bytes_name_file_line_and_column(tmp_path):
+  lines = [json.dumps(r).encode() + b"\n" for r in RECORDS]
+  lines[2] = lines[2][:11] + b"\xff" + lines[2][12:]
+  (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+  assert _error(tmp_path / "a.jsonl").endswith("a.jsonl:3: not UTF-8 text (byte 0xff at column 12)")
+  with gzip.open(tmp_path / "a.jsonl.gz", "wb") as f:
+    f.write(b"".join(lines))
+  assert _error(tmp_path / "a.jsonl.gz").endswith("a.jsonl.gz:3: not UTF-8 text (byte 0xff at column 12)")
+  (tmp_path / "a.json").write_bytes(b'[\n  {"prompt": "x",\n   "chosen": "\xe9t\xe9"}]')
+  assert _error(tmp_path / "a.json").endswith("a.json:3: not UTF-8 text (byte 0xe9 at column 15)")
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+  (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in RECORDS).encode())
+  (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(RECORDS).encode())
+  for name in ("a.jsonl", "a.json"):
+    assert [r for r, _ in read_records(str(tmp_path / name))] == RECORDS, name
+
+
+def test_truncated_or_corrupt_gzip_names_file_and_last_line(tmp_path):
+  path = tmp_path / "a.jsonl.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(b"".join(json.dumps({"prompt": str(i), "completion": "y" * 50}).encode() + b"\n" for i in range(2000)))
+  whole = path.read_bytes()
+  path.write_bytes(whole[:len(whole) // 2])
+  message = _error(path)
+  assert message.startswith(f"{path}: truncated or corrupt gzip stream after line ")
+  complete = int(message.rsplit(" ", 1)[1])
+  assert 0 < complete < 2000
+  seen = []
+  with pytest.raises(DataError, match="truncated"):
+    seen.extend(where for _, where in read_records(str(path)))
+  assert seen[-1] == f"{path}:{complete}"  # every complete line was read, then the error
+  path.write_bytes(whole[:-8] + bytes(8))  # CRC and length trailer zeroed
+  assert _error(path) == f"{path}: truncated or corrupt gzip stream after line 2000"
+  path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in RECORDS))  # plain text named .gz
+  assert _error(path) == f"{path}: not a gzip file"
+
+
+def test_files_without_records_are_errors(tmp_path):
+  cases = {"a.jsonl": b"", "b.jsonl": b"\n  \n", "c.json": b"", "d.json": b"[]", "e.parquet": b""}
+  expected = {"a.jsonl": "empty file", "b.jsonl": "only blank lines", "c.json": "empty file",
+              "d.json": "empty JSON list", "e.parquet": "empty file", "f.parquet": "no rows",
+              "g.jsonl.gz": "empty file"}
+  for name, data in cases.items():
+    (tmp_path / name).write_bytes(data)
+  pq.write_table(pa.Table.from_pylist(RECORDS).slice(0, 0), tmp_path / "f.parquet")
+  with gzip.open(tmp_path / "g.jsonl.gz", "wb"):
+    pass
+  for name, why in expected.items():
+    assert _error(tmp_path / name) == f"{tmp_path / name}: no records ({why})"
+
+
 def test_identical_pairs_and_empty_responses_are_counted_and_skipped():
   records = [(dict(RECORDS[0], rejected="1 2"), "x:1"), (dict(RECORDS[1], chosen=" "), "x:2"), (RECORDS[2], "x:3")]
   examples, skipped = parse_records(records, "preference")
