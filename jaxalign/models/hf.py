@@ -244,31 +244,105 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
 
 def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.PathLike, *, tokenizer=None,
             dtype: str | None = None) -> pathlib.Path:
-  """Write `model` as an HF directory (config.json, safetensors, tokenizer if given), atomically."""
+  """Write `model` as an HF directory (config.json, safetensors, generation_config.json for causal LMs,
+  tokenizer if given), atomically, readable like any file the process creates.
+
+  The tokenizer's bos/eos/pad ids go into config.json (a tokenizer without a pad token pads with EOS), so
+  transformers' `generate` stops at EOS and an exported reward model scores padded batches. Every process
+  takes part in gathering sharded parameters; only process 0 writes, and with several processes all of
+  them leave together once the directory exists.
+  """
   path = pathlib.Path(path)
   scalar = isinstance(model, ScalarModel)
+  config = config.replace(**_special_token_ids(config, tokenizer))
   hf = config_to_hf(config if dtype is None else config.replace(param_dtype=dtype), scalar_head=scalar)
   out_dtype = DTYPES[dtype or config.param_dtype]
+  writer = jax.process_index() == 0
   tensors = {}
   for var_path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    array = jax.device_get(_gather(var[...]))  # a collective when sharded across processes: all take part
+    if not writer:
+      continue
     keys, transposed = hf_keys(var_path, config.num_layers)
-    array = np.asarray(jax.device_get(_gather(var[...])), dtype=out_dtype)
+    array = np.asarray(array, dtype=out_dtype)
     layers = array if _is_stacked(var_path) else [array]
     for key, layer in zip(keys, layers, strict=True):
       tensors[key] = np.ascontiguousarray(layer.T if transposed else layer)
 
+  try:
+    if writer:
+      _write_dir(path, tensors, hf, tokenizer, generation=not scalar)
+  finally:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"jaxalign save_hf {path}")
+  return path
+
+
+def _special_token_ids(config: ModelConfig, tokenizer=None) -> dict:
+  """bos/eos/pad ids for the export: the tokenizer's where it has them (pad falls back to EOS), else the
+  config's. Extra EOS ids of the config (e.g. Llama 3's list) are kept after the tokenizer's."""
+  ids = dict(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+  if tokenizer is None:
+    return ids
+  eos = tokenizer.eos_token_id
+  if eos is not None:
+    known = config.eos_token_id if isinstance(config.eos_token_id, tuple) else (config.eos_token_id,)
+    extra = tuple(i for i in known if i is not None and i != eos)
+    ids["eos_token_id"] = (eos,) + extra if extra else eos
+  if tokenizer.bos_token_id is not None:
+    ids["bos_token_id"] = tokenizer.bos_token_id
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+  if pad is not None:
+    ids["pad_token_id"] = pad
+  return ids
+
+
+def _generation_config(hf: dict):
+  """transformers.GenerationConfig for a causal LM: the special-token ids of its config.json."""
+  from transformers import GenerationConfig
+
+  keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+  return GenerationConfig(**{k: hf[k] for k in keys if hf.get(k) is not None})
+
+
+def _write_dir(path: pathlib.Path, tensors: dict, hf: dict, tokenizer, generation: bool) -> None:
+  """Write the export into a fresh sibling folder, make it readable per the umask, swap it into `path`."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
   try:
     _write_safetensors(tensors, tmp)
     (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if generation:
+      _generation_config(hf).save_pretrained(str(tmp))
     if tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
+    _set_modes(tmp, _umask())
     _replace_dir(tmp, path)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return path
+
+
+def _umask() -> int:
+  """The process umask, read from /proc where possible (os.umask can only read it by setting it)."""
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("Umask:"):
+        return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o077)
+  os.umask(mask)
+  return mask
+
+
+def _set_modes(folder: pathlib.Path, umask: int) -> None:
+  """Folders 0o777 & ~umask, files 0o666 & ~umask: what mkdtemp (0o700) and safetensors (0o600) withhold."""
+  for root, _, files in os.walk(folder):
+    os.chmod(root, 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def _gather(x: jax.Array) -> jax.Array:
