@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import pathlib
 import types
 import typing
@@ -24,7 +25,7 @@ def _type_name(tp) -> str:
   return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp, key: str) -> Any:
+def coerce(value: Any, tp, key: str) -> Any:
   """Check (and gently convert) `value` against the annotation `tp`."""
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   if tp is Any:
@@ -35,7 +36,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
     errors = []
     for option in (a for a in args if a is not type(None)):
       try:
-        return _coerce(value, option, key)
+        return coerce(value, option, key)
       except ConfigError as e:
         errors.append(str(e))
     raise ConfigError(errors[0] if len(errors) == 1 else f"config key '{key}': {value!r} matches none of "
@@ -59,7 +60,7 @@ def _coerce(value: Any, tp, key: str) -> Any:
       args = (args[0] if args else Any,) * len(value)
     if len(args) != len(value):
       raise ConfigError(f"config key '{key}': expected {len(args)} items, got {len(value)}")
-    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    return tuple(coerce(v, a, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
   if origin is dict or tp is dict:
     if not isinstance(value, dict):
       raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
@@ -68,9 +69,11 @@ def _coerce(value: Any, tp, key: str) -> Any:
     return float(value)
   if tp is float and isinstance(value, str):
     try:
-      return float(value)  # YAML reads 1e-4 (no dot) as a string
+      value = float(value)  # YAML reads 1e-4 (no dot) as a string
     except ValueError:
       pass
+  if tp is float and isinstance(value, float) and math.isnan(value):
+    raise ConfigError(f"config key '{key}': expected a number, got nan")
   if isinstance(tp, type) and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
     return value
   raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
@@ -87,7 +90,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
       close = difflib.get_close_matches(name, fields, n=1)
       hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
       raise ConfigError(f"config key '{key}' is unknown{hint}")
-    kwargs[name] = _coerce(value, hints[name], key)
+    kwargs[name] = coerce(value, hints[name], key)
   try:
     return cls(**kwargs)
   except ConfigError:
@@ -195,8 +198,16 @@ class ReferenceConfig:
 class CheckpointConfig:
   every: int = 0  # steps between checkpoints (0: only at the end / on SIGTERM)
   keep: int = 2  # checkpoints kept
-  resume: bool = True  # continue from the latest checkpoint in run_dir
+  resume: bool = True  # continue from the latest checkpoint in run_dir (refused if the config changed)
+  # Config keys (or sections, e.g. "optim") a resume may change; any other change is refused.
+  allow_changes: tuple[str, ...] = ()
+  # Delete run_dir's checkpoints, metrics and export and start over (needed for resume=false in a used run_dir).
+  overwrite: bool = False
   export_hf: bool = True  # write the final model as an HF directory (run_dir/hf)
+
+  def __post_init__(self):
+    if self.every < 0 or self.keep < 1:
+      raise ValueError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +215,10 @@ class LogConfig:
   every: int = 10  # steps between metric rows
   progress: bool = True  # console progress bar
   tensorboard: bool = True  # TensorBoard events in run_dir/tensorboard
+
+  def __post_init__(self):
+    if self.every < 1:
+      raise ValueError("log.every must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +258,8 @@ class TrainConfig:
       raise ValueError(f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
     if self.steps < 1:
       raise ValueError("steps must be >= 1")
+    if self.eval_every < 0 or self.eval_batches < 1:
+      raise ValueError("eval_every must be >= 0 and eval_batches >= 1")
 
 
 def load_stages(data: dict, where: str = "config") -> list[TrainConfig]:
@@ -250,6 +267,23 @@ def load_stages(data: dict, where: str = "config") -> list[TrainConfig]:
   stages = data.pop("stages", None)
   if stages is None:
     return [from_dict(TrainConfig, data)]
-  if not isinstance(stages, list) or not stages:
+  if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
     raise ConfigError(f"{where}: 'stages' must be a non-empty list of stage mappings")
-  return [from_dict(TrainConfig, merge(data, stage)) for stage in stages]
+  configs = [from_dict(TrainConfig, merge_stage(data, stage)) for stage in stages]
+  names = [c.name for c in configs]
+  if len(set(names)) < len(names):
+    raise ConfigError(f"{where}: stage names must differ (they name run directories), got {names}")
+  shared = [c.run_dir for c in configs]
+  # Stages sharing a run_dir (e.g. one run_dir=... override for all) each get their own subdirectory.
+  return [dataclasses.replace(c, run_dir=str(pathlib.Path(c.run_dir) / c.name)) if shared.count(c.run_dir) > 1
+          else c for c in configs]
+
+
+def merge_stage(base: dict, stage: dict) -> dict:
+  """A stage over the shared keys. A stage that names another loss does not inherit the shared loss's
+  parameters (DPO's beta means nothing to IPO)."""
+  merged = merge(base, stage)
+  base_loss, stage_loss = base.get("loss") or {}, stage.get("loss") or {}
+  if "name" in stage_loss and stage_loss["name"] != base_loss.get("name") and "params" not in stage_loss:
+    merged["loss"] = {**merged["loss"], "params": {}}
+  return merged

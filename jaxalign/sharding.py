@@ -54,8 +54,13 @@ class MeshConfig:
   fsdp: int = -1
   tensor: int = 1
   rules: Rules = DEFAULT_RULES
-  # "auto": call jax.distributed.initialize() when the environment describes a multi-process job.
+  # Multi-process jobs (one process per host): "auto" calls jax.distributed.initialize() when the environment
+  # describes one (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES / JAX_PROCESS_ID)
+  # or the keys below are set; "on" always, "off" never.
   distributed: str = "auto"
+  coordinator_address: str | None = None  # host:port of process 0
+  num_processes: int | None = None
+  process_id: int | None = None  # this process's index (differs per process: pass it on the command line)
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
@@ -63,6 +68,10 @@ class MeshConfig:
       raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} must be positive, with at most one -1")
     if self.distributed not in ("auto", "on", "off"):
       raise ValueError(f"mesh.distributed={self.distributed!r} must be one of 'auto', 'on', 'off'")
+    if self.num_processes is not None and self.num_processes < 1:
+      raise ValueError(f"mesh.num_processes={self.num_processes} must be >= 1")
+    if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
+      raise ValueError(f"mesh.process_id={self.process_id} must be in [0, mesh.num_processes)")
     known = {name for name, _ in self.rules}
     for _, axes in self.rules:
       for axis in _as_tuple(axes):
@@ -198,15 +207,84 @@ def _multiprocess_env() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize_distributed(mode: str = "auto", **kwargs) -> bool:
-  """Start jax.distributed when asked ("on") or when the environment is a multi-process job ("auto").
+def distributed_kwargs(config: MeshConfig) -> dict:
+  """jax.distributed.initialize's arguments from the config keys, else JAX_COORDINATOR_ADDRESS /
+  JAX_NUM_PROCESSES / JAX_PROCESS_ID (JAX itself reads only the first; without the others it needs SLURM,
+  Open MPI or Cloud TPU metadata). Unset values are left to JAX's cluster detection."""
+  env = {"coordinator_address": os.environ.get("JAX_COORDINATOR_ADDRESS"),
+         "num_processes": os.environ.get("JAX_NUM_PROCESSES"), "process_id": os.environ.get("JAX_PROCESS_ID")}
+  kwargs = {}
+  for key, from_env in env.items():
+    value = getattr(config, key)
+    if value is None and from_env:
+      value = from_env if key == "coordinator_address" else _env_int(f"JAX_{key.upper()}", from_env)
+    if value is not None:
+      kwargs[key] = value
+  return kwargs
 
-  kwargs (coordinator_address, num_processes, process_id) go to jax.distributed.initialize; without
-  them JAX reads the cluster (SLURM, Open MPI, Cloud TPU, JAX_* variables). Returns whether it ran.
+
+def _env_int(name: str, value: str) -> int:
+  try:
+    return int(value)
+  except ValueError:
+    raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def initialize_distributed(config: MeshConfig | str = "auto", **kwargs) -> bool:
+  """Start jax.distributed once per process: when asked ("on"), or ("auto") when the config or the
+  environment describes a multi-process job. Later calls (the next stage) are no-ops. Returns whether the
+  process is part of a multi-process job.
+
+  `config` is a MeshConfig (its coordinator / process keys and `distributed` mode) or just the mode; kwargs
+  override the coordinator_address, num_processes and process_id it gives.
   """
-  if mode == "off" or (mode == "auto" and not kwargs and not _multiprocess_env()):
+  if isinstance(config, str):
+    config = MeshConfig(distributed=config)
+  if jax.distributed.is_initialized():
+    return True
+  kwargs = {**distributed_kwargs(config), **kwargs}
+  if config.distributed == "off" or (config.distributed == "auto" and not kwargs and not _multiprocess_env()):
     return False
-  jax.distributed.initialize(**kwargs)
+  if "coordinator_address" in kwargs and "num_processes" in kwargs and "process_id" not in kwargs:
+    raise ValueError("mesh.coordinator_address and mesh.num_processes are set but not this process's index: "
+                     "pass mesh.process_id=N (or JAX_PROCESS_ID)")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as error:  # e.g. "Number of processes must be defined." without a cluster launcher
+    raise ValueError(f"jax.distributed: {error} Set mesh.num_processes and mesh.process_id (or JAX_NUM_PROCESSES "
+                     "and JAX_PROCESS_ID) beside the coordinator address") from None
   log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
            jax.process_count(), jax.local_device_count(), jax.device_count())
   return True
+
+
+def process_rows(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int) -> list[int] | None:
+  """Rows of a [batch_size, ...] batch that this process's devices hold (None in a single-process job):
+  the only rows it needs to build."""
+  if jax.process_count() == 1:
+    return None
+  spans = batch_sharding(mesh, 1, rules, batch_size).addressable_devices_indices_map((batch_size,)).values()
+  return sorted({row for (span,) in spans for row in range(*span.indices(batch_size))})
+
+
+def global_array(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:
+  """One array of `global_shape` from each process's rows of it (see `process_rows`); a plain device_put
+  in a single-process job."""
+  if jax.process_count() == 1:
+    return jax.device_put(local, sharding)
+  return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+
+def barrier(name: str) -> None:
+  """Wait until every process of a multi-process job gets here (a no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) array as one numpy array on every process; every process must call it."""
+  if x.is_fully_addressable or x.is_fully_replicated:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

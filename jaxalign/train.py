@@ -39,29 +39,63 @@ def _keys(cls, prefix="") -> list[str]:
   return lines
 
 
+STAGES_HELP = """\
+stages: a recipe may list `stages: [...]`, each a mapping of the keys below merged over the recipe's shared
+keys; they run in order, and `init_from: "@previous"` starts a stage from the model the stage before exported.
+The embedded default has two: 0 = sft, 1 = dpo.
+overrides: `key.path=value` applies to every stage (it wins over the recipe's stage values); `stages.N.key=value`
+applies to stage N alone and wins over both. A stage that names another loss (loss.name) does not inherit the
+shared loss.params.
+resume: a run_dir's newest readable checkpoint is continued when the config is the same; a change to a key that
+alters the run (model, data, optim, loss, steps, seed, ...) is refused unless checkpoint.allow_changes lists it.
+checkpoint.overwrite=true deletes a run_dir's checkpoints, metrics and export and starts over.
+multi-process (one process per host): mesh.coordinator_address=host:port mesh.num_processes=N mesh.process_id=I,
+or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM / Open MPI / Cloud TPU launch."""
+
+
 def help_text() -> str:
   return "\n".join([
-    __doc__.strip(), "", "algorithms: " + ", ".join(ALGORITHMS),
+    __doc__.strip(), "", STAGES_HELP, "", "algorithms: " + ", ".join(ALGORITHMS),
     "losses (loss.name): " + ", ".join(losses.available()), "", "config keys (with defaults):",
     *_keys(TrainConfig)])
 
 
 def parse_stages(config: str | None, overrides: list[str]) -> list[TrainConfig]:
+  """The recipe's stages with the command line's overrides: `key=value` on every stage (over the recipe's
+  stage values), `stages.N.key=value` on stage N (over both)."""
   online = any(o.partition("=")[0] == "algorithm" and o.partition("=")[2] in ONLINE_ALGORITHMS for o in overrides)
   data = load_yaml(config or (RL_DEFAULT_RECIPE if online else DEFAULT_RECIPE))
   stages = data.pop("stages", None)
+  shared, per_stage = [], {}
   for override in overrides:
     head, _, rest = override.partition(".")
-    if head == "stages" and stages is not None:  # stages.N.key=value targets one stage
-      index, _, rest = rest.partition(".")
-      if not index.isdigit() or int(index) >= len(stages):
-        raise ConfigError(f"override {override!r}: there are {len(stages)} stages (0..{len(stages) - 1})")
-      apply_override(stages[int(index)], rest)
-    else:
-      apply_override(data, override)
+    if head != "stages":
+      shared.append(override)
+      continue
+    index, _, rest = rest.partition(".")
+    count = len(stages or [])
+    if not index.isdigit() or int(index) >= count:
+      raise ConfigError(f"override {override!r}: the recipe has {count} stages" + (f" (0..{count - 1})" if count else ""))
+    per_stage.setdefault(int(index), []).append(rest)
+  apply_overrides(data, shared)
+  for index, stage in enumerate(stages or []):
+    if not isinstance(stage, dict):
+      raise ConfigError(f"{config or 'default recipe'}: stage {index} is not a mapping of config keys")
+    apply_overrides(stage, shared + per_stage.get(index, []))
   if stages is not None:
     data["stages"] = stages
   return load_stages(data, config or "default recipe")
+
+
+def apply_overrides(target: dict, overrides: list[str]) -> None:
+  """Apply `key=value` overrides in order. Naming another loss drops the old loss's parameters (unless an
+  override sets them after)."""
+  for override in overrides:
+    key, _, value = override.partition("=")
+    loss = target.get("loss")
+    if key.strip() == "loss.name" and isinstance(loss, dict) and loss.get("name") != value:
+      loss.pop("params", None)
+    apply_override(target, override)
 
 
 def run_stages(stages: list[TrainConfig]) -> list[dict]:
@@ -134,10 +168,16 @@ def main(argv: list[str] | None = None) -> int:
       import yaml
       print(yaml.safe_dump([to_dict(s) for s in stages], sort_keys=False))
       return 0
+    from jaxalign import sharding
+    sharding.initialize_distributed(stages[0].mesh)  # once, for every stage
     results = run_stages(stages)
-  except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError) as error:
+  except (ConfigError, DataError, OSError, ValueError, RuntimeError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("error: interrupted; the last checkpoint saved in the run_dir is kept (run the same command to resume)",
+          file=sys.stderr)
+    return 130
   print(summary(stages, results))
   for cfg, result in zip(stages, results):
     if result["export"]:

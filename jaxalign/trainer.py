@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -14,21 +16,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import sharding
+from jaxalign import losses, resume, sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
 from jaxalign.algorithms.forward import rows, sequence_logps
 from jaxalign.algorithms.objectives import Objective, objective_for
 from jaxalign.algorithms.step import (StepFns, TrainState, init_opt_state, make_eval_step, make_optimizer,
-                                      make_train_step)
-from jaxalign.checkpoint import Checkpointer
-from jaxalign.config import ConfigError, TrainConfig, to_dict
+                                      make_schedule, make_train_step, skipped_updates)
+from jaxalign.checkpoint import Checkpointer, CheckpointError
+from jaxalign.config import ConfigError, TrainConfig, coerce, to_dict
 from jaxalign.data import batching, synthetic
 from jaxalign.data.pipeline import Batches, build_datasets
-from jaxalign.data.tokenize import check_vocab
+from jaxalign.data.tokenize import check_same_tokenizer, check_vocab
 from jaxalign.logging import MetricsLogger
 from jaxalign.models import CausalLM, ScalarModel, load_hf, load_tokenizer, save_hf
 from jaxalign.rollout.rewards import RuleRewards
+from jaxalign.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +121,15 @@ def batch_shardings(batch: dict, mesh, rules, leading: int) -> dict:
   return {k: spec(v) for k, v in batch.items()}
 
 
-def put_batch(batch: dict, mesh, rules, leading: int) -> dict:
-  """Device-put a batch in its `batch_shardings`."""
-  return jax.device_put(batch, batch_shardings(batch, mesh, rules, leading))
+def put_batch(batch: dict, mesh, rules, leading: int, batch_size: int | None = None) -> dict:
+  """A batch on the mesh in its `batch_shardings`. In a multi-process job `batch` holds only this process's
+  rows (`sharding.process_rows`) of a global batch of `batch_size` examples."""
+  def global_shape(x):
+    return x.shape if batch_size is None else x.shape[:leading] + (batch_size,) + x.shape[leading + 1:]
+
+  shapes = {k: jax.ShapeDtypeStruct(global_shape(v), v.dtype) for k, v in batch.items()}
+  shardings = batch_shardings(shapes, mesh, rules, leading)
+  return {k: sharding.global_array(v, shardings[k], shapes[k].shape) for k, v in batch.items()}
 
 
 def precompute_reference(run: "Run", data: Batches) -> None:
@@ -135,8 +144,8 @@ def precompute_reference(run: "Run", data: Batches) -> None:
   for start in range(0, len(examples), size):
     chunk = examples[start:start + size]
     padded = chunk + [chunk[-1]] * (size - len(chunk))
-    batch = batching.collate_multi(padded, data.cfg.bucket_lengths)
-    values = np.asarray(forward(model, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0)))
+    batch = batching.collate_multi(padded, data.cfg.bucket_lengths, data.rows)
+    values = sharding.to_host(forward(model, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0, size)))
     cached.extend(values.reshape(size, -1)[:len(chunk)])
   data.examples = [dataclasses.replace(e, ref_logps=tuple(map(float, v))) for e, v in zip(examples, cached)]
 
@@ -163,10 +172,11 @@ class Run:
 
   def next_batch(self) -> dict:
     """The next training batch on the mesh: prompts (online) or [A, ...] stacked micro-batches."""
+    size = self.cfg.data.batch_size
     if self.online:
-      return put_batch(next(self.train_data), self.mesh, self.cfg.mesh.rules, 0)
+      return put_batch(next(self.train_data), self.mesh, self.cfg.mesh.rules, 0, size)
     micro = stack_micro_batches([next(self.train_data) for _ in range(self.cfg.optim.grad_accum)])
-    return put_batch(micro, self.mesh, self.cfg.mesh.rules, 1)
+    return put_batch(micro, self.mesh, self.cfg.mesh.rules, 1, size)
 
 
 def objective_of(cfg: TrainConfig) -> Objective:
@@ -175,12 +185,28 @@ def objective_of(cfg: TrainConfig) -> Objective:
     spec = online.ALGORITHMS[cfg.algorithm]
     uses_reference = online.needs_reference(spec, cfg.rl, dict(cfg.loss.params))
     return Objective(spec.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
-  return objective_for(cfg.algorithm, cfg.loss.name)
+  try:
+    return objective_for(cfg.algorithm, cfg.loss.name)
+  except KeyError as error:  # an unknown loss name
+    raise ConfigError(f"loss.name: {error.args[0]}") from None
+
+
+def check_loss_params(loss_name: str, params: dict) -> None:
+  """One line naming a `loss.params` key the loss does not take (and those it does), or an ill-typed value."""
+  accepted = losses.hyperparameters(loss_name)
+  for key, value in params.items():
+    if key not in accepted:
+      close = difflib.get_close_matches(key, accepted, n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise ConfigError(f"loss.params.{key}: loss '{loss_name}' has no parameter '{key}'{hint}; it takes "
+                        f"{', '.join(accepted) or 'none'}")
+    coerce(value, accepted[key], f"loss.params.{key}")
 
 
 def check_combination(cfg: TrainConfig, objective: Objective) -> None:
   """Config keys that are valid alone but not together (checked by `build_run` and by `--plan`)."""
   online_run = cfg.algorithm in online.ALGORITHMS
+  check_loss_params(objective.loss_name, dict(cfg.loss.params))
   if objective.data_format != cfg.data.format:
     raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
                       f"but data.format={cfg.data.format}")
@@ -193,30 +219,26 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
                       "per row): it cannot serve data.packing or an online algorithm's left-padded rollouts")
 
 
-# Keys that change the checkpointed state's layout: a resume with other values is a different run.
-LAYOUT_KEYS = ("algorithm", "model.scan_layers", "model.param_dtype", "optim.mu_dtype", "lora.rank")
-
-
-def check_resumable(cfg: TrainConfig, saved_config: dict, directory) -> None:
-  """One-line error when the checkpoint in `directory` was written by a run of another state layout."""
-  now = to_dict(cfg)
-  for key in LAYOUT_KEYS:
-    section, _, leaf = key.rpartition(".")
-    was, is_ = ((c.get(section, {}) if section else c).get(leaf) for c in (saved_config, now))
-    if was != is_:
-      raise ConfigError(f"{directory} holds a run with {key}={was!r}, this config has {key}={is_!r}: resume "
-                        f"with the same {key}, or use another run_dir")
-
-
-def _scalar_model(path: str, cfg: TrainConfig, mesh):
+def _scalar_model(path: str, cfg: TrainConfig, mesh, tokenizer, policy_vocab: int):
   """(graphdef computing in model.dtype, params in model.param_dtype) of a reward model directory
-  (*ForSequenceClassification)."""
+  (*ForSequenceClassification) that reads the policy's token ids."""
   model, mcfg = load_hf(path, dtype=cfg.model.param_dtype, mesh=mesh, rules=cfg.mesh.rules,
                         scan_layers=cfg.model.scan_layers)
   if not isinstance(model, ScalarModel):
     raise ConfigError(f"rl.reward_model={path} is not a reward model (*ForSequenceClassification)")
+  check_reader_tokenizer(path, tokenizer, mcfg.vocab_size, policy_vocab, "rl.reward_model")
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: ScalarModel(mcfg.with_execution_of(cfg.model), rngs=nnx.Rngs(0))))
   return graphdef, nnx.to_pure_dict(nnx.state(model))
+
+
+def check_reader_tokenizer(path: str, tokenizer, vocab_size: int, policy_vocab: int, key: str) -> None:
+  """A second model that reads the policy's tokens (a reward model) must share its tokenizer: compared token
+  by token when `path` holds one, else by vocabulary size."""
+  if any((pathlib.Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+    check_same_tokenizer(tokenizer, load_tokenizer(path), f"{key}={path}")
+  elif vocab_size != policy_vocab:
+    raise ConfigError(f"{key}={path}: its vocab_size is {vocab_size}, the policy's is {policy_vocab}: it would read "
+                      "other tokens; use a model trained with the policy's tokenizer")
 
 
 def _attach_online(run: Run) -> None:
@@ -225,7 +247,8 @@ def _attach_online(run: Run) -> None:
   cfg = run.cfg
   reward_graphdef = critic_graphdef = reward_params = None
   if cfg.rl.reward_model:
-    reward_graphdef, reward_params = _scalar_model(cfg.rl.reward_model, cfg, run.mesh)
+    reward_graphdef, reward_params = _scalar_model(cfg.rl.reward_model, cfg, run.mesh, run.tokenizer,
+                                                   run.model_config.vocab_size)
     # A copy only when PPO's critic trains from the originals (the step donates the trainable).
     run.frozen["reward_model"] = frozen_copy(reward_params, run.model_config.compute_dtype,
                                              copy=cfg.algorithm == "ppo")
@@ -256,7 +279,7 @@ def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.O
 
 
 def build_run(cfg: TrainConfig) -> Run:
-  sharding.initialize_distributed(cfg.mesh.distributed)
+  sharding.initialize_distributed(cfg.mesh)
   mesh = sharding.make_mesh(cfg.mesh)
   objective = objective_of(cfg)
   check_combination(cfg, objective)
@@ -264,6 +287,7 @@ def build_run(cfg: TrainConfig) -> Run:
   graphdef, params, param_shardings, mcfg = build_params(cfg, objective, mesh)
   check_vocab(tokenizer, mcfg.vocab_size, f"tokenizer {cfg.tokenizer or cfg.init_from or 'builtin:digits'}")
   train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.seed)[:2]
+  train_data.rows = eval_data.rows = sharding.process_rows(mesh, cfg.mesh.rules, cfg.data.batch_size)
 
   key = jax.random.PRNGKey(cfg.seed)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -297,9 +321,10 @@ def build_run(cfg: TrainConfig) -> Run:
 
 def evaluate(run: Run, eval_fn) -> dict[str, float]:
   batches = run.eval_data.epoch_batches()[:run.cfg.eval_batches]
+  size = run.cfg.data.batch_size
   with sharding.use_mesh(run.mesh, run.cfg.mesh.rules):
-    rows_ = [jax.device_get(eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0), run.frozen))
-             for b in batches]
+    rows_ = [jax.tree.map(sharding.to_host, eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0, size),
+                                                    run.frozen)) for b in batches]
   return {k: float(np.mean([r[k] for r in rows_])) for k in rows_[0]}
 
 
@@ -311,21 +336,53 @@ def export(run: Run, path: pathlib.Path) -> pathlib.Path:
 
 
 def train(cfg: TrainConfig) -> dict:
-  """Run one stage to cfg.steps; returns {"eval_before", "eval_after", "export"} (and resumes if asked)."""
-  run = build_run(cfg)
+  """Run one stage to cfg.steps; returns {"eval_before", "eval_after", "export"}.
+
+  The run directory is locked for the run (process 0 holds the lock), cleared first only when
+  `checkpoint.overwrite` asks, and resumed from its newest readable checkpoint when the config allows.
+  """
+  sharding.initialize_distributed(cfg.mesh)
   run_dir = pathlib.Path(cfg.run_dir)
-  ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
+  primary = jax.process_index() == 0
+  with RunLock(run_dir) if primary else contextlib.nullcontext():
+    if primary:
+      resume.prepare_run_dir(cfg)
+    sharding.barrier("prepare run_dir")
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
+    try:
+      if cfg.checkpoint.resume and ckpt.latest_step() is not None:  # refuse before building anything
+        resume.check_resumable(cfg, ckpt.metadata()["config"], ckpt.directory)
+      run = build_run(cfg)
+      result = _train_loop(run, ckpt, primary)
+    finally:
+      ckpt.close()
+    result["export"] = str(export(run, run_dir / "hf")) if cfg.checkpoint.export_hf else None
+  return result
+
+
+def _train_loop(run: Run, ckpt: Checkpointer, primary: bool) -> dict:
+  cfg = run.cfg
   state_shardings = jax.tree.map(lambda x: x.sharding, run.state)
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.P())
+
+  def counted_step(state, batch, frozen):
+    state, metrics = run.train_fn(state, batch, frozen)
+    in_row, total = skipped_updates(state.opt_state)
+    return state, {**metrics, "skipped_in_row": in_row, "skipped_updates": total}
+
   with sharding.use_mesh(run.mesh, cfg.mesh.rules):
-    train_step = jax.jit(run.train_fn, out_shardings=(state_shardings, None), donate_argnums=0)
-    eval_fn = jax.jit(run.eval_fn)
-  if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-    check_resumable(cfg, ckpt.metadata()["config"], ckpt.directory)
-    run.state, meta = ckpt.restore(run.state)
+    train_step = jax.jit(counted_step, out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_fn = jax.jit(run.eval_fn, out_shardings=replicated)
+  restored = ckpt.restore_latest(run.state) if cfg.checkpoint.resume else None
+  if restored is not None:
+    run.state, meta, _ = restored
     run.train_data.restore(meta["data"])
   start = int(run.state.step)
-  logger = MetricsLogger(run_dir, cfg.steps, start_step=start, progress=cfg.log.progress,
-                         tensorboard=cfg.log.tensorboard, description=cfg.name)
+  if start >= cfg.steps:
+    log.info("%s: %s already finished (step %d of %d); nothing to train", cfg.name, cfg.run_dir, start, cfg.steps)
+  logger = MetricsLogger(cfg.run_dir, cfg.steps, start_step=start, progress=cfg.log.progress,
+                         tensorboard=cfg.log.tensorboard, description=cfg.name, write=primary)
+  schedule = make_schedule(cfg.optim, cfg.steps)
   result = {"eval_before": evaluate(run, eval_fn) if start == 0 else None}
   if result["eval_before"]:
     logger.log(start, result["eval_before"], "eval")
@@ -335,17 +392,21 @@ def train(cfg: TrainConfig) -> dict:
   def meta():
     return {"data": run.train_data.state(), "config": to_dict(cfg)}
 
-  step = start
+  step, pending = start, None
   try:
     for step in range(start + 1, cfg.steps + 1):
       batch = run.next_batch()
       with sharding.use_mesh(run.mesh, cfg.mesh.rules):
         run.state, metrics = train_step(run.state, batch, run.frozen)
       logger.advance()
+      if pending is not None:  # the previous step's count: reading it does not wait for this step
+        check_skips(cfg, step - 1, int(pending), ckpt)
+      pending = metrics["skipped_in_row"]
       if step % cfg.log.every == 0 or step == cfg.steps or ckpt.due(step):  # never save past a NaN loss
-        values = logger.log(step, metrics)
+        values = logger.log(step, {**metrics, "lr": schedule(step - 1)})
+        check_skips(cfg, step, int(values["skipped_in_row"]), ckpt)
         if not math.isfinite(values["loss"]):
-          raise TrainingError(f"step {step}: loss is {values['loss']}; last good checkpoint kept in {ckpt.directory}")
+          raise TrainingError(f"step {step}: loss is {values['loss']}; {_kept(ckpt)}")
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
         logger.log(step, evaluate(run, eval_fn), "eval")
       ckpt.save(step, run.state, meta())
@@ -353,14 +414,30 @@ def train(cfg: TrainConfig) -> dict:
         ckpt.save(step, run.state, meta(), force=True)
         raise SystemExit(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {ckpt.directory}")
     ckpt.save(step, run.state, meta(), force=True)
-    result["eval_after"] = logger.log(step, evaluate(run, eval_fn), "eval")
+    result["eval_after"] = evaluate(run, eval_fn)
+    if step > start:  # a finished run's final row is already in metrics.jsonl
+      logger.log(step, result["eval_after"], "eval")
   except (KeyboardInterrupt, Exception) as error:
-    if not isinstance(error, TrainingError) and not any(x.is_deleted() for x in jax.tree.leaves(run.state)):
+    saveable = not isinstance(error, (TrainingError, CheckpointError)) and jax.process_count() == 1
+    if saveable and not any(x.is_deleted() for x in jax.tree.leaves(run.state)):
       ckpt.save(int(run.state.step), run.state, meta(), force=True)
     raise
   finally:
     signal.signal(signal.SIGTERM, previous)
     logger.close()
-    ckpt.close()
-  result["export"] = str(export(run, run_dir / "hf")) if cfg.checkpoint.export_hf else None
   return result
+
+
+def _kept(ckpt: Checkpointer) -> str:
+  kept = ckpt.latest_step()
+  return (f"last good checkpoint: step {kept} in {ckpt.directory}" if kept is not None else
+          "no checkpoint was saved before it (checkpoint.every=0 saves only at the end)")
+
+
+def check_skips(cfg: TrainConfig, step: int, skipped_in_row: int, ckpt: Checkpointer) -> None:
+  """Stop (TrainingError, one line) after `optim.max_consecutive_skips` updates in a row were skipped for
+  non-finite gradients. Skipped updates leave the weights as they were, so checkpoints stay finite."""
+  limit = cfg.optim.max_consecutive_skips
+  if limit and skipped_in_row >= limit:
+    raise TrainingError(f"step {step}: the last {skipped_in_row} updates were skipped for non-finite gradients "
+                        f"(optim.max_consecutive_skips={limit}; is optim.lr too high?); {_kept(ckpt)}")

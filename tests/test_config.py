@@ -1,9 +1,12 @@
 """Typed configs: YAML + overrides, one-line errors naming the key, file or line."""
 
+import re
+
 import pytest
 
-from jaxalign.config import ConfigError, TrainConfig, apply_override, from_dict, load_yaml
+from jaxalign.config import ConfigError, TrainConfig, apply_override, from_dict, load_stages, load_yaml
 from jaxalign.train import parse_stages
+from jaxalign.trainer import check_combination, objective_of
 
 
 def test_overrides_reach_nested_keys_with_types():
@@ -40,5 +43,60 @@ def test_stage_overrides_target_one_stage():
   stages = parse_stages(None, ["stages.1.steps=7", "seed=3"])
   assert [s.steps for s in stages][1] == 7 and stages[0].steps != 7
   assert all(s.seed == 3 for s in stages)
-  with pytest.raises(ConfigError, match="there are 2 stages"):
+  with pytest.raises(ConfigError, match="the recipe has 2 stages"):
     parse_stages(None, ["stages.5.steps=1"])
+
+
+def test_top_level_overrides_reach_every_stage_over_the_recipe():
+  stages = parse_stages(None, ["steps=10", "optim.lr=1e-5", "run_dir=out/x", "stages.1.steps=3"])
+  assert [s.steps for s in stages] == [10, 3]  # the recipe's 250 / 300 lose to steps=10; stages.1 wins over both
+  assert all(s.optim.lr == 1e-5 for s in stages)
+  assert [s.run_dir for s in stages] == ["out/x/sft", "out/x/dpo"]  # one run_dir: a subdirectory per stage
+
+
+def test_naming_another_loss_drops_the_old_losss_parameters():
+  ipo = parse_stages(None, ["stages.1.loss.name=ipo", "stages.1.loss.params.tau=0.5"])[1]
+  assert ipo.loss.name == "ipo" and ipo.loss.params == {"tau": 0.5}  # the recipe's DPO beta is not merged in
+  shared = {"loss": {"name": "dpo", "params": {"beta": 0.5}}, "stages": [{"name": "a"}, {"name": "b", "loss": {"name": "ipo"}}]}
+  a, b = load_stages(shared)
+  assert a.loss.params == {"beta": 0.5} and b.loss.params == {}
+
+
+@pytest.mark.parametrize("override,message", [
+  ("optim.lr=-1e-4", "optim.lr=-0.0001 must be a finite number > 0"),
+  ("optim.lr=.nan", "config key 'optim.lr': expected a number, got nan"),
+  ("data.batch_size=0", "data.batch_size"),
+  ("log.every=0", "log.every must be >= 1"),
+  ("checkpoint.keep=0", "checkpoint.keep >= 1"),
+  ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in (0, 1)"),
+  ("mesh.process_id=3", "mesh.process_id=3 must be in [0, mesh.num_processes)"),
+])
+def test_bad_values_are_refused_before_training(override, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    parse_stages(None, [override, "mesh.num_processes=2"] if "process_id" in override else [override])
+
+
+@pytest.mark.parametrize("params,loss,message", [
+  ({"beta": 0.5}, "ipo", "loss.params.beta: loss 'ipo' has no parameter 'beta'; it takes tau, length_normalize"),
+  ({"betta": 0.5}, "dpo", "loss.params.betta: loss 'dpo' has no parameter 'betta' (did you mean 'beta'?)"),
+  ({"beta": "high"}, "dpo", "config key 'loss.params.beta': expected float, got 'high'"),
+  ({"num_pairs": 3}, "dpo", "loss 'dpo' has no parameter 'num_pairs'"),  # a step count, not a hyper-parameter
+])
+def test_loss_parameters_are_checked_against_the_losss_signature(params, loss, message):
+  cfg = from_dict(TrainConfig, {"algorithm": "preference", "data": {"format": "preference"},
+                                "loss": {"name": loss, "params": params}})
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    check_combination(cfg, objective_of(cfg))
+
+
+def test_unknown_loss_name_is_a_config_error():
+  cfg = from_dict(TrainConfig, {"algorithm": "preference", "data": {"format": "preference"}, "loss": {"name": "dpoo"}})
+  with pytest.raises(ConfigError, match="loss.name: unknown loss 'dpoo'; available: "):
+    objective_of(cfg)
+
+
+def test_help_explains_stages_and_overrides():
+  from jaxalign.train import help_text
+
+  text = help_text()
+  assert "`stages.N.key=value`" in text and "applies to every stage" in text and "checkpoint.allow_changes" in text

@@ -112,6 +112,22 @@ def test_distributed_entry_point_stays_off_for_single_process(monkeypatch):
   assert sharding._multiprocess_env()
 
 
+def test_process_keys_come_from_the_config_else_the_jax_variables(monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert sharding.distributed_kwargs(sharding.MeshConfig()) == {
+    "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+  config = sharding.MeshConfig(coordinator_address="h:1", num_processes=2, process_id=1)
+  assert sharding.distributed_kwargs(config) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  monkeypatch.setenv("JAX_PROCESS_ID", "three")
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='three' is not an integer"):
+    sharding.distributed_kwargs(sharding.MeshConfig())
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  with pytest.raises(ValueError, match="pass mesh.process_id=N"):
+    sharding.initialize_distributed(sharding.MeshConfig())
+
+
 WORKER = textwrap.dedent("""
   import sys, jax
   jax.config.update("jax_num_cpu_devices", 2)

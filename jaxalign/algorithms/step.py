@@ -9,6 +9,7 @@ weights under LoRA, and the reference policy's weights when it is a separate cop
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -41,8 +42,19 @@ class OptimConfig:
   # moment always follows the parameter dtype, so TRL's bf16 precision is model.param_dtype=bfloat16
   # optim.mu_dtype=bfloat16, and float32 master weights and moments are the default with param_dtype float32.
   mu_dtype: str | None = None
+  # An update whose gradient is not finite is skipped (the weights stay as they were) and counted; this many
+  # skipped in a row stop the run with an error (0: never stop).
+  max_consecutive_skips: int = 5
 
   def __post_init__(self):
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"optim.lr={self.lr} must be a finite number > 0")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+      raise ValueError("optim.b1 and optim.b2 must be in [0, 1) and optim.eps > 0")
+    if not (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0
+            and self.max_grad_norm >= 0 and self.max_consecutive_skips >= 0):
+      raise ValueError("optim.warmup_steps, weight_decay, max_grad_norm and max_consecutive_skips must be >= 0, "
+                       "optim.min_lr_ratio in [0, 1]")
     if self.schedule not in ("constant", "linear", "cosine"):
       raise ValueError(f"optim.schedule={self.schedule!r}; choose constant, linear or cosine")
     if self.grad_accum < 1:
@@ -51,20 +63,30 @@ class OptimConfig:
       raise ValueError(f"optim.mu_dtype={self.mu_dtype!r}; choose bfloat16, float32 or null (the parameters' dtype)")
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Learning rate by update count: linear warm-up, then constant / linear / cosine decay to lr * min_lr_ratio."""
   decay_steps = max(total_steps - cfg.warmup_steps, 1)
   end = cfg.lr * cfg.min_lr_ratio
   decay = {"constant": optax.constant_schedule(cfg.lr),
            "linear": optax.linear_schedule(cfg.lr, end, decay_steps),
            "cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)}[cfg.schedule]
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay],
-                                  [cfg.warmup_steps]) if cfg.warmup_steps else decay
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), decay],
+                              [cfg.warmup_steps]) if cfg.warmup_steps else decay
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+  schedule = make_schedule(cfg, total_steps)
   adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                       mu_dtype=cfg.mu_dtype)
   tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
-  # A non-finite gradient leaves the parameters as they were (the loop then stops with a clear error),
-  # so no NaN ever reaches a checkpoint.
+  # A non-finite gradient leaves the parameters as they were and is counted (`skipped_updates`); the loop
+  # stops after optim.max_consecutive_skips in a row, so no NaN ever reaches a checkpoint.
   return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+
+
+def skipped_updates(opt_state) -> tuple[jax.Array, jax.Array]:
+  """(updates skipped in a row, skipped in total) for non-finite gradients, from `make_optimizer`'s state."""
+  return opt_state.notfinite_count, opt_state.total_notfinite
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_trainable, trainable_shardings,

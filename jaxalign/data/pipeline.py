@@ -52,6 +52,11 @@ class DataConfig:
       raise ValueError("data.max_prompt_length must be smaller than data.max_length")
     if self.packing and self.format != "sft":
       raise ValueError("data.packing applies to the sft format only")
+    if self.batch_size < 1 or self.max_prompt_length < 1 or self.limit < 0 or min(self.synthetic_size) < 1:
+      raise ValueError("data.batch_size, data.max_prompt_length and data.synthetic_size must be >= 1, "
+                       "data.limit >= 0")
+    if not 0 < self.eval_fraction < 1:
+      raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
 
   @property
   def bucket_lengths(self) -> tuple[int, ...]:
@@ -62,13 +67,16 @@ class Batches:
   """Deterministic batches over encoded examples; the order depends only on the seed and epoch.
 
   `state()` / `restore()` give the position (epoch, index) for checkpoints, so a resumed run sees
-  exactly the batches an uninterrupted one would have.
+  exactly the batches an uninterrupted one would have. `rows` (set by a multi-process trainer) selects the
+  rows of each global batch this process builds; every process walks the same order.
   """
 
-  def __init__(self, examples: list[Encoded], cfg: DataConfig, seed: int, *, shuffle: bool | None = None):
+  def __init__(self, examples: list[Encoded], cfg: DataConfig, seed: int, *, shuffle: bool | None = None,
+               where: str = "data"):
     if len(examples) < cfg.batch_size:
-      raise DataError(f"only {len(examples)} usable examples for a batch of {cfg.batch_size}")
+      raise DataError(f"{where}: only {len(examples)} usable examples for data.batch_size={cfg.batch_size}")
     self.examples, self.cfg, self.seed = examples, cfg, seed
+    self.rows: list[int] | None = None
     self.shuffle = cfg.shuffle if shuffle is None else shuffle
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
@@ -95,12 +103,12 @@ class Batches:
       self._order = self._permutation(self.epoch)
     chosen = [self.examples[i] for i in self._order[self.index:]]
     if cfg.packing:
-      batch, used = batching.pack_rows(chosen, cfg.batch_size, cfg.max_length)
+      batch, used = batching.pack_rows(chosen, cfg.batch_size, cfg.max_length, self.rows)
     else:
       chosen, used = chosen[:cfg.batch_size], cfg.batch_size
       collate = {"sft": batching.collate_single, "prompt": batching.collate_prompts,
                  "unpaired": batching.collate_unpaired}.get(cfg.format, batching.collate_multi)
-      batch = collate(chosen, cfg.bucket_lengths)
+      batch = collate(chosen, cfg.bucket_lengths, self.rows)
     self.index += used
     return batch
 
@@ -153,4 +161,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[Batches, Batc
     held_out, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
   for key, value in sorted(counts.items()):
     log.info("data: %s: %d", key, value)
-  return Batches(train, cfg, seed), Batches(held_out, cfg, seed, shuffle=False), counts
+  train_where = ", ".join(cfg.train)
+  eval_where = ", ".join(cfg.eval) if cfg.eval else f"held-out part of {train_where}"
+  return (Batches(train, cfg, seed, where=f"data.train ({train_where})"),
+          Batches(held_out, cfg, seed, shuffle=False, where=f"data.eval ({eval_where})"), counts)

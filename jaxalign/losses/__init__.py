@@ -42,7 +42,7 @@ from jaxalign.losses.ppo import clipped_surrogate, clipped_value_loss, ppo_loss,
 from jaxalign.losses.reductions import AGGREGATIONS, aggregate, divide, masked_mean, masked_sum
 from jaxalign.losses.reductions import masked_var, packed_loss_mask, segment_sums, sequence_sums
 from jaxalign.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
-from jaxalign.losses.registry import available, get, input_type, register
+from jaxalign.losses.registry import available, get, hyperparameters, input_type, register
 from jaxalign.losses.reinforce import reinforce_loss, rloo_loss
 from jaxalign.losses.reward import all_pairs_ranking_loss, bradley_terry_loss
 from jaxalign.losses.reward import plackett_luce_ranking_loss
@@ -58,7 +58,7 @@ __all__ = [
     "cpo_loss", "dapo_loss", "descending_ranks", "divide", "dpo_loss", "dpo_pl_loss", "dpop_loss",
     "dr_grpo_loss", "f_dpo_loss", "gae", "get", "group_metrics", "group_stats",
     "groups_with_signal", "grpo_advantages", "grpo_loss", "gspo_loss", "gspo_token_loss",
-    "hinge_loss", "input_type", "ipo_loss", "k1", "k2", "k3", "kl_estimate",
+    "hinge_loss", "hyperparameters", "input_type", "ipo_loss", "k1", "k2", "k3", "kl_estimate",
     "kl_penalised_scores", "kl_penalty", "kl_shaped_rewards", "kto_loss", "kto_reference_point",
     "lipo_lambda_loss", "ListStats", "masked_mean", "masked_sum", "masked_var", "nca_loss",
     "normalize_scores", "npo_loss", "orpo_loss", "overlong_penalty", "packed_loss_mask",

@@ -4,6 +4,9 @@ One line per loss: (function, the input NamedTuple it takes). A research variant
 plus one line here (or one `register` call from user code).
 """
 
+import inspect
+import types
+import typing
 from typing import Callable
 
 from jaxalign.losses import distribution, dpo, fdpo, grpo, kto, listwise, margin, pointwise, ppo
@@ -77,6 +80,23 @@ def get(name: str) -> LossFn:
 def input_type(name: str) -> type:
   """The input NamedTuple (PairStats, TokenBatch, ...) that the loss `name` takes."""
   return _entry(name)[1]
+
+
+_SETTABLE = (float, int, str, bool)
+
+
+def hyperparameters(name: str) -> dict[str, object]:
+  """{parameter: type hint} of the keyword hyper-parameters a config may set for loss `name` (`loss.params`):
+  numbers, strings and flags. Step counts and array inputs (typed as arrays) are not among them."""
+  fn = get(name)
+  hints = typing.get_type_hints(fn)
+  out = {}
+  for param in list(inspect.signature(fn).parameters)[1:]:
+    hint = hints.get(param)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if all(o in _SETTABLE or o is type(None) for o in options):
+      out[param] = hint
+  return out
 
 
 def register(name: str, fn: LossFn, inputs: type, *, overwrite: bool = False) -> LossFn:

@@ -91,6 +91,24 @@ def test_ppo_with_a_reward_model_scores_inside_the_step(tmp_path):
   assert result["eval_after"]["reward"] > result["eval_before"]["reward"]
 
 
+def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, data_dir):
+  """A vocab-24 digits policy scored by a GPT-2 reward model would read every token id as another token."""
+  from transformers import PreTrainedTokenizerFast
+
+  from jaxalign.data.readers import DataError
+  from jaxalign.trainer import ConfigError
+
+  cfg = rl_stage(tmp_path, "ppo")
+  gpt2 = PreTrainedTokenizerFast(tokenizer_file=str(data_dir / "tokenizers/gpt2/tokenizer.json"), eos_token="<|endoftext|>")
+  save_hf(ScalarModel(cfg.model.replace(vocab_size=len(gpt2)), rngs=nnx.Rngs(5)), cfg.model.replace(vocab_size=len(gpt2)),
+          tmp_path / "gpt2_rm", tokenizer=gpt2)
+  with pytest.raises(DataError, match=r"^rl.reward_model=.*gpt2_rm: its tokenizer has 50257 tokens, the policy's has \d+"):
+    train(rl_stage(tmp_path, "ppo", rl__reward_model=str(tmp_path / "gpt2_rm"), rl__rewards={}))
+  save_hf(ScalarModel(cfg.model.replace(vocab_size=40), rngs=nnx.Rngs(5)), cfg.model.replace(vocab_size=40), tmp_path / "rm40")
+  with pytest.raises(ConfigError, match=r"rm40: its vocab_size is 40, the policy's is 24"):  # no tokenizer saved with it
+    train(rl_stage(tmp_path, "grpo", rl__reward_model=str(tmp_path / "rm40"), rl__rewards={}))
+
+
 def test_default_grpo_command_improves_reward(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   assert main(["algorithm=grpo", "steps=60", "log.progress=false"]) == 0

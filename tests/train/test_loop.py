@@ -102,6 +102,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     ["--config", str(cfg), "optim.learning_rate=1", *base], capsys)
 
 
+def test_unwritable_run_dir_and_interrupted_save_are_one_line(tmp_path, capsys, monkeypatch):
+  from jaxalign.checkpoint import Checkpointer
+
+  cfg = tmp_path / "one.yaml"
+  cfg.write_text("algorithm: sft\nloss: {name: sft}\ndata: {format: sft, synthetic_size: [64, 16], batch_size: 8}\n"
+                 "steps: 2\nlog: {progress: false, tensorboard: false}\ncheckpoint: {export_hf: false}\n"
+                 "model: {vocab_size: 24, hidden_size: 32, intermediate_size: 64, num_layers: 1, num_heads: 2, "
+                 "num_kv_heads: 1, max_position_embeddings: 32, remat: none}\n")
+  (tmp_path / "file").write_text("")  # a run_dir that cannot be created (tests run as root: chmod would not stop them)
+  assert "cannot lock run dir" in run_cli(["--config", str(cfg), f"run_dir={tmp_path / 'file/run'}"], capsys)
+
+  original = Checkpointer.save
+  def interrupted(self, step, *args, **kwargs):  # Ctrl-C in the middle of the final save, once
+    monkeypatch.setattr(Checkpointer, "save", original)
+    raise KeyboardInterrupt
+  monkeypatch.setattr(Checkpointer, "save", interrupted)
+  assert main(["--config", str(cfg), f"run_dir={tmp_path / 'run'}"]) == 130
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: interrupted") and "\n" not in err, err
+  assert (tmp_path / "run/checkpoints/1").is_dir()  # the state was saved on the way out, and a rerun resumes it
+  assert main(["--config", str(cfg), f"run_dir={tmp_path / 'run'}"]) == 0
+  assert Checkpointer(tmp_path / "run/checkpoints").latest_step() == 2
+
+
 def test_vocab_mismatch_is_a_clear_error(tmp_path, capsys, data_dir):
   cfg = tmp_path / "one.yaml"
   cfg.write_text(f"algorithm: sft\nloss: {{name: sft}}\ndata: {{format: sft}}\nsteps: 1\n"
@@ -128,7 +152,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_finite_checkpoints(stage, t
 
   cfg = stage(algorithm="sft", loss__name="sft", steps=8, optim__lr=1e30, optim__max_grad_norm=0.0,
               checkpoint__every=1, run_dir=str(tmp_path / "nan"))
-  with pytest.raises(TrainingError, match=r"step \d+: loss is nan; last good checkpoint kept"):
+  with pytest.raises(TrainingError, match=r"step \d+: loss is nan; last good checkpoint: step \d+ in "):
     train(cfg)
   run = build_run(cfg)
   ckpt = Checkpointer(tmp_path / "nan/checkpoints")

@@ -188,13 +188,3 @@ def test_bf16_reference_gives_the_policys_log_probs_at_step_zero(stage):
   np.testing.assert_array_equal(stats.policy_chosen, stats.ref_chosen)
   np.testing.assert_array_equal(stats.policy_rejected, stats.ref_rejected)
   assert float(jnp.abs(stats.policy_chosen).min()) > 0
-
-
-def test_resuming_with_another_state_layout_is_a_one_line_error(stage, tmp_path):
-  from jaxalign.trainer import train
-
-  train(stage(**DPO, steps=2, run_dir=str(tmp_path / "run"), checkpoint__every=1))
-  with pytest.raises(ConfigError, match=r"holds a run with optim\.mu_dtype=None, this config has "
-                                        r"optim\.mu_dtype='bfloat16'"):
-    train(stage(**DPO, steps=3, run_dir=str(tmp_path / "run"), optim__mu_dtype="bfloat16"))
-  assert train(stage(**DPO, steps=3, run_dir=str(tmp_path / "run")))["eval_before"] is None  # same layout resumes
