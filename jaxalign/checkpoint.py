@@ -50,10 +50,13 @@ class _Unreadable(Exception):
 class Checkpointer:
   """Save / restore `TrainState` plus JSON metadata under `directory`."""
 
-  def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, every: int = 0):
+  def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, every: int = 0, clean: bool = False):
+    """`clean`: remove what a killed run left half-written (only the run that holds the run_dir's lock may:
+    anyone else could delete a live run's save in progress)."""
     self.directory = pathlib.Path(directory).absolute()
     _check_writable(self.directory)
-    _remove_partial(self.directory, "*")  # what a killed run left half-written
+    if clean:
+      _remove_partial(self.directory, "*")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=max(every, 1),
                                            enable_async_checkpointing=False, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))

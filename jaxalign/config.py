@@ -270,10 +270,10 @@ def load_stages(data: dict, where: str = "config") -> list[TrainConfig]:
   if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
     raise ConfigError(f"{where}: 'stages' must be a non-empty list of stage mappings")
   configs = [from_dict(TrainConfig, merge_stage(data, stage)) for stage in stages]
-  names = [c.name for c in configs]
-  if len(set(names)) < len(names):
-    raise ConfigError(f"{where}: stage names must differ (they name run directories), got {names}")
   shared = [c.run_dir for c in configs]
+  clashing = [c.name for c in configs if shared.count(c.run_dir) > 1]
+  if len(set(clashing)) < len(clashing):
+    raise ConfigError(f"{where}: stages sharing a run_dir get run_dir/<name>, so their names must differ: {clashing}")
   # Stages sharing a run_dir (e.g. one run_dir=... override for all) each get their own subdirectory.
   return [dataclasses.replace(c, run_dir=str(pathlib.Path(c.run_dir) / c.name)) if shared.count(c.run_dir) > 1
           else c for c in configs]
@@ -284,6 +284,6 @@ def merge_stage(base: dict, stage: dict) -> dict:
   parameters (DPO's beta means nothing to IPO)."""
   merged = merge(base, stage)
   base_loss, stage_loss = base.get("loss") or {}, stage.get("loss") or {}
-  if "name" in stage_loss and stage_loss["name"] != base_loss.get("name") and "params" not in stage_loss:
-    merged["loss"] = {**merged["loss"], "params": {}}
+  if "name" in stage_loss and stage_loss["name"] != base_loss.get("name"):
+    merged["loss"] = {**merged["loss"], "params": dict(stage_loss.get("params") or {})}
   return merged

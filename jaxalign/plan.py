@@ -29,8 +29,8 @@ from jaxalign.data.pipeline import Batches
 from jaxalign.data.tokenize import Encoded
 from jaxalign.models import CausalLM, ScalarModel
 from jaxalign.models.hf import config_from_hf
-from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, objective_of,
-                              online_fns, stack_micro_batches)
+from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, loss_params,
+                              objective_of, online_fns, stack_micro_batches)
 
 GIB = 2**30
 
@@ -129,7 +129,8 @@ def abstract_run(cfg: TrainConfig, mcfg, mesh):
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
   state = TrainState(trainable, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                      jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-  fns = StepFns(graphdef, objective, tx, dict(cfg.loss.params), cfg.lora, {"impl": cfg.logprob_impl})
+  fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora,
+                {"impl": cfg.logprob_impl})
   run = Run(cfg, mesh, build_tokenizer(cfg), mcfg, objective, fns, state, frozen, None, None, make_train_step(fns))
   if run.online:
     run.train_fn = online.make_rl_step(online_fns(run, [], critic_graphdef, reward_graphdef))

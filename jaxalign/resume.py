@@ -16,9 +16,9 @@ from jaxalign.config import ConfigError, TrainConfig, to_dict
 
 # May differ between the run that wrote a checkpoint and the one resuming it (dotted keys or whole sections).
 EXECUTION_KEYS = ("name", "run_dir", "log", "checkpoint", "mesh", "eval_every", "eval_batches", "logprob_impl",
-                  "model.remat", "model.attention_impl")
+                  "model.remat", "model.attention_impl", "model.dtype")
 # Change the shapes or dtypes of the saved state: never allowed.
-LAYOUT_KEYS = ("algorithm", "model.scan_layers", "model.param_dtype", "optim.mu_dtype", "lora.rank")
+LAYOUT_KEYS = ("algorithm", "model", "optim.mu_dtype", "lora.rank", "lora.targets")
 # What a run directory holds besides the lock; `checkpoint.overwrite` removes these.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf")
 
@@ -28,7 +28,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
   out = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
-    if isinstance(value, dict) and value:
+    if isinstance(value, dict):  # an empty mapping (no loss.params) contributes no key
       out.update(flatten(value, f"{name}."))
     else:
       out[name] = value

@@ -2,8 +2,9 @@
 
 A second run on the same directory would interleave its checkpoints and metrics with the first one's, so it
 stops with a one-line error instead. A lock left by a run that crashed or was killed (-9) on this host, whose pid
-is no longer alive, is taken over with a warning; one written on another host cannot be checked from here and is
-treated as held.
+is no longer alive, is taken over with a warning. A holder on another host cannot be checked from here: it
+refreshes the lock's modification time every `HEARTBEAT_S` seconds, and a lock from another host left
+unrefreshed for `STALE_AFTER_S` (a relaunch on another node after a crash) is taken over.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import logging
 import os
 import pathlib
 import socket
+import threading
+import time
 
 from jaxalign.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 300.0
 
 
 class RunDirBusy(ConfigError):
@@ -31,6 +37,7 @@ class RunLock:
     self.run_dir = pathlib.Path(run_dir)
     self.path = self.run_dir / ".lock"
     self.record: dict | None = None
+    self._stop = threading.Event()
 
   def __enter__(self) -> RunLock:
     self.acquire()
@@ -48,14 +55,25 @@ class RunLock:
       for _ in range(3):  # a stale lock is removed and the creation retried; another starter may win the race
         if _create(self.path, record):
           self.record = record
+          self._stop.clear()
+          threading.Thread(target=self._heartbeat, name="jaxalign-run-lock", daemon=True).start()
           return
         self._clear_if_stale()
     except OSError as error:
       raise ConfigError(f"cannot lock run dir {self.run_dir}: {error.strerror} [Errno {error.errno}]") from None
     raise RunDirBusy(f"{self.run_dir}: could not take {self.path} (another run keeps creating it)")
 
+  def _heartbeat(self) -> None:
+    """Refresh the lock's modification time while held, so runs on other hosts can tell it is alive."""
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:
+        return
+
   def release(self) -> None:
     """Remove the lock if this process still holds it (a forked child or a taken-over lock leaves it alone)."""
+    self._stop.set()
     if self.record is None or self.record["pid"] != os.getpid():
       return
     if _read(self.path)[0] == self.record:
@@ -71,12 +89,17 @@ class RunLock:
       log.warning("%s is unreadable (%s): taking it over as a stale lock", self.path, problem)
     else:
       since = _since(held["started"])
-      if held["host"] != socket.gethostname() or _alive(held["pid"]):
+      remote = held["host"] != socket.gethostname()
+      if (remote and not _unrefreshed(self.path)) or (not remote and _alive(held["pid"])):
         raise RunDirBusy(f"{self.run_dir} is in use by pid {held['pid']} on host {held['host']} since {since} "
                          f"(a second run would interleave its checkpoints and metrics; remove {self.path} if that "
                          "run is gone)")
-      log.warning("%s was left by pid %d on this host (since %s), which is no longer running: taking it over",
-                  self.path, held["pid"], since)
+      elif remote:
+        log.warning("%s was left by pid %d on host %s (since %s), not refreshed for %d s: taking it over", self.path,
+                    held["pid"], held["host"], since, STALE_AFTER_S)
+      else:
+        log.warning("%s was left by pid %d on this host (since %s), which is no longer running: taking it over",
+                    self.path, held["pid"], since)
     self.path.unlink(missing_ok=True)
 
 
@@ -120,6 +143,14 @@ def _read(path: pathlib.Path) -> tuple[dict | None, str | None]:
   except (ValueError, TypeError, KeyError):
     ok = False
   return (record, None) if ok else (None, f"not a lock record: {text[:60]!r}")
+
+
+def _unrefreshed(path: pathlib.Path) -> bool:
+  """Whether a lock file went without its holder's heartbeat for STALE_AFTER_S."""
+  try:
+    return time.time() - path.stat().st_mtime > STALE_AFTER_S
+  except FileNotFoundError:
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -199,9 +199,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RU
 
 
 def _multiprocess_env() -> bool:
-  """True when the launcher describes a job of more than one process."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    return True
+  """True when the environment describes a job of more than one process."""
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _launcher_env()
+
+
+def _launcher_env() -> bool:
+  """True under a cluster launcher JAX reads process ids from (SLURM, Open MPI, Cloud TPU)."""
   if int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     return True
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -245,7 +248,7 @@ def initialize_distributed(config: MeshConfig | str = "auto", **kwargs) -> bool:
   kwargs = {**distributed_kwargs(config), **kwargs}
   if config.distributed == "off" or (config.distributed == "auto" and not kwargs and not _multiprocess_env()):
     return False
-  if "coordinator_address" in kwargs and "num_processes" in kwargs and "process_id" not in kwargs:
+  if "num_processes" in kwargs and "process_id" not in kwargs and not _launcher_env():
     raise ValueError("mesh.coordinator_address and mesh.num_processes are set but not this process's index: "
                      "pass mesh.process_id=N (or JAX_PROCESS_ID)")
   try:
@@ -280,6 +283,24 @@ def barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def processes_where(flag: bool) -> list[int]:
+  """Indices of the processes whose `flag` is true (every process must call this; [0] or [] for one process)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  from jax.experimental import multihost_utils
+  return [int(i) for i in np.flatnonzero(multihost_utils.process_allgather(np.asarray(flag)))]
+
+
+def raise_together(error: BaseException | None, what: str) -> None:
+  """Raise on every process when `what` failed on any (`error`: this process's failure, or None). A process
+  that went on alone would wait forever in the next collective for the one that stopped."""
+  failed = processes_where(error is not None)
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f"{what} failed on process {failed[0]} (its output says why)")
 
 
 def to_host(x: jax.Array) -> np.ndarray:

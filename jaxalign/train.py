@@ -88,14 +88,25 @@ def parse_stages(config: str | None, overrides: list[str]) -> list[TrainConfig]:
 
 
 def apply_overrides(target: dict, overrides: list[str]) -> None:
-  """Apply `key=value` overrides in order. Naming another loss drops the old loss's parameters (unless an
-  override sets them after)."""
+  """Apply `key=value` overrides in order. Naming another loss first drops the old loss's parameters (those
+  the overrides set are kept, in whatever order they come)."""
+  names = [apply_override({}, o)["loss"]["name"] for o in overrides if o.partition("=")[0].strip() == "loss.name"]
+  loss = target.get("loss")
+  if names and isinstance(loss, dict) and loss.get("name") != names[-1]:
+    loss.pop("params", None)
   for override in overrides:
-    key, _, value = override.partition("=")
-    loss = target.get("loss")
-    if key.strip() == "loss.name" and isinstance(loss, dict) and loss.get("name") != value:
-      loss.pop("params", None)
     apply_override(target, override)
+
+
+def check_stages(stages: list[TrainConfig]) -> None:
+  """Every stage's key combinations and loss parameters, before the first stage builds anything."""
+  from jaxalign.trainer import check_combination, objective_of
+
+  for cfg in stages:
+    try:
+      check_combination(cfg, objective_of(cfg))
+    except ConfigError as error:
+      raise ConfigError(f"stage '{cfg.name}': {error}" if len(stages) > 1 else str(error)) from None
 
 
 def run_stages(stages: list[TrainConfig]) -> list[dict]:
@@ -161,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     stages = parse_stages(args.config, overrides)
+    check_stages(stages)
     if args.plan:
       return plan_main(stages, args.devices)
     if args.print_config:

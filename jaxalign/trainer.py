@@ -183,7 +183,7 @@ def objective_of(cfg: TrainConfig) -> Objective:
   """The Objective that `cfg.algorithm` (offline or online) trains."""
   if cfg.algorithm in online.ALGORITHMS:
     spec = online.ALGORITHMS[cfg.algorithm]
-    uses_reference = online.needs_reference(spec, cfg.rl, dict(cfg.loss.params))
+    uses_reference = online.needs_reference(spec, cfg.rl, loss_params(spec.loss, cfg.loss.params))
     return Objective(spec.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
   try:
     return objective_for(cfg.algorithm, cfg.loss.name)
@@ -191,22 +191,25 @@ def objective_of(cfg: TrainConfig) -> Objective:
     raise ConfigError(f"loss.name: {error.args[0]}") from None
 
 
-def check_loss_params(loss_name: str, params: dict) -> None:
-  """One line naming a `loss.params` key the loss does not take (and those it does), or an ill-typed value."""
+def loss_params(loss_name: str, params: dict) -> dict:
+  """`loss.params` checked against the loss's signature and converted to its types (YAML reads 1e-4 as a
+  string); one line naming a key the loss does not take (and those it does), or an ill-typed value."""
   accepted = losses.hyperparameters(loss_name)
+  out = {}
   for key, value in params.items():
     if key not in accepted:
       close = difflib.get_close_matches(key, accepted, n=1)
       hint = f" (did you mean '{close[0]}'?)" if close else ""
       raise ConfigError(f"loss.params.{key}: loss '{loss_name}' has no parameter '{key}'{hint}; it takes "
                         f"{', '.join(accepted) or 'none'}")
-    coerce(value, accepted[key], f"loss.params.{key}")
+    out[key] = coerce(value, accepted[key], f"loss.params.{key}")
+  return out
 
 
 def check_combination(cfg: TrainConfig, objective: Objective) -> None:
   """Config keys that are valid alone but not together (checked by `build_run` and by `--plan`)."""
   online_run = cfg.algorithm in online.ALGORITHMS
-  check_loss_params(objective.loss_name, dict(cfg.loss.params))
+  loss_params(objective.loss_name, cfg.loss.params)
   if objective.data_format != cfg.data.format:
     raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
                       f"but data.format={cfg.data.format}")
@@ -308,7 +311,7 @@ def build_run(cfg: TrainConfig) -> Run:
   state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
                      jax.device_put(key, replicated))
   op = {"impl": cfg.logprob_impl}
-  fns = StepFns(graphdef, objective, tx, dict(cfg.loss.params), cfg.lora, op)
+  fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora, op)
   run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
             make_train_step(fns), make_eval_step(fns))
   if run.online:
@@ -344,11 +347,17 @@ def train(cfg: TrainConfig) -> dict:
   sharding.initialize_distributed(cfg.mesh)
   run_dir = pathlib.Path(cfg.run_dir)
   primary = jax.process_index() == 0
-  with RunLock(run_dir) if primary else contextlib.nullcontext():
-    if primary:
-      resume.prepare_run_dir(cfg)
-    sharding.barrier("prepare run_dir")
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every)
+  with contextlib.ExitStack() as held:
+    failure = None
+    if primary:  # process 0 holds the lock and clears the run_dir; the others learn whether it could
+      try:
+        held.enter_context(RunLock(run_dir))
+        resume.prepare_run_dir(cfg)
+      except Exception as error:
+        failure = error
+    sharding.raise_together(failure, f"locking {run_dir}")
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, every=cfg.checkpoint.every,
+                        clean=primary)
     try:
       if cfg.checkpoint.resume and ckpt.latest_step() is not None:  # refuse before building anything
         resume.check_resumable(cfg, ckpt.metadata()["config"], ckpt.directory)
@@ -402,14 +411,17 @@ def _train_loop(run: Run, ckpt: Checkpointer, primary: bool) -> dict:
       if pending is not None:  # the previous step's count: reading it does not wait for this step
         check_skips(cfg, step - 1, int(pending), ckpt)
       pending = metrics["skipped_in_row"]
-      if step % cfg.log.every == 0 or step == cfg.steps or ckpt.due(step):  # never save past a NaN loss
-        values = logger.log(step, {**metrics, "lr": schedule(step - 1)})
-        check_skips(cfg, step, int(values["skipped_in_row"]), ckpt)
-        if not math.isfinite(values["loss"]):
-          raise TrainingError(f"step {step}: loss is {values['loss']}; {_kept(ckpt)}")
+      if step % cfg.log.every == 0 or step == cfg.steps or ckpt.due(step):
+        # The schedule counts applied updates only (a skipped one leaves the optimiser's count as it was).
+        applied = step - 1 - (int(metrics["skipped_updates"]) - (int(metrics["skipped_in_row"]) > 0))
+        values = logger.log(step, {**metrics, "lr": schedule(applied)})
+        check_skips(cfg, step, int(values["skipped_in_row"]), ckpt, values["loss"])
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
         logger.log(step, evaluate(run, eval_fn), "eval")
       ckpt.save(step, run.state, meta())
+      if jax.process_count() > 1:  # a signal reaches each process at its own step: stop at the same one
+        stop["signal"] = stop["signal"] or (signal.SIGTERM if sharding.processes_where(stop["signal"] is not None)
+                                            else None)
       if stop["signal"] is not None:
         ckpt.save(step, run.state, meta(), force=True)
         raise SystemExit(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {ckpt.directory}")
@@ -434,10 +446,12 @@ def _kept(ckpt: Checkpointer) -> str:
           "no checkpoint was saved before it (checkpoint.every=0 saves only at the end)")
 
 
-def check_skips(cfg: TrainConfig, step: int, skipped_in_row: int, ckpt: Checkpointer) -> None:
+def check_skips(cfg: TrainConfig, step: int, skipped_in_row: int, ckpt: Checkpointer, loss: float = 0.0) -> None:
   """Stop (TrainingError, one line) after `optim.max_consecutive_skips` updates in a row were skipped for
-  non-finite gradients. Skipped updates leave the weights as they were, so checkpoints stay finite."""
+  non-finite gradients (a NaN loss has them too). Skipped updates leave the weights as they were, so
+  checkpoints stay finite."""
   limit = cfg.optim.max_consecutive_skips
   if limit and skipped_in_row >= limit:
-    raise TrainingError(f"step {step}: the last {skipped_in_row} updates were skipped for non-finite gradients "
-                        f"(optim.max_consecutive_skips={limit}; is optim.lr too high?); {_kept(ckpt)}")
+    nan = "" if math.isfinite(loss) else f", loss {loss}"
+    raise TrainingError(f"step {step}: the last {skipped_in_row} updates were skipped for non-finite gradients"
+                        f"{nan} (optim.max_consecutive_skips={limit}; is optim.lr too high?); {_kept(ckpt)}")

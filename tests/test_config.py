@@ -5,8 +5,8 @@ import re
 import pytest
 
 from jaxalign.config import ConfigError, TrainConfig, apply_override, from_dict, load_stages, load_yaml
-from jaxalign.train import parse_stages
-from jaxalign.trainer import check_combination, objective_of
+from jaxalign.train import check_stages, parse_stages
+from jaxalign.trainer import check_combination, loss_params, objective_of
 
 
 def test_overrides_reach_nested_keys_with_types():
@@ -55,11 +55,25 @@ def test_top_level_overrides_reach_every_stage_over_the_recipe():
 
 
 def test_naming_another_loss_drops_the_old_losss_parameters():
-  ipo = parse_stages(None, ["stages.1.loss.name=ipo", "stages.1.loss.params.tau=0.5"])[1]
-  assert ipo.loss.name == "ipo" and ipo.loss.params == {"tau": 0.5}  # the recipe's DPO beta is not merged in
-  shared = {"loss": {"name": "dpo", "params": {"beta": 0.5}}, "stages": [{"name": "a"}, {"name": "b", "loss": {"name": "ipo"}}]}
-  a, b = load_stages(shared)
-  assert a.loss.params == {"beta": 0.5} and b.loss.params == {}
+  for order in (["stages.1.loss.name=ipo", "stages.1.loss.params.tau=0.5"],
+                ["stages.1.loss.params.tau=0.5", "stages.1.loss.name=ipo"]):
+    ipo = parse_stages(None, order)[1]
+    assert ipo.loss.name == "ipo" and ipo.loss.params == {"tau": 0.5}  # the recipe's DPO beta is not merged in
+  assert parse_stages(None, ['stages.1.loss.name="dpo"'])[1].loss.params == {"beta": 0.5}  # the same loss keeps them
+  shared = {"loss": {"name": "dpo", "params": {"beta": 0.5}},
+            "stages": [{"name": "a"}, {"name": "b", "loss": {"name": "ipo"}}, {"name": "c", "loss": {"name": "ipo",
+                                                                                               "params": {"tau": 1}}}]}
+  a, b, c = load_stages(shared)
+  assert a.loss.params == {"beta": 0.5} and b.loss.params == {} and c.loss.params == {"tau": 1}
+
+
+def test_every_stage_is_checked_before_the_first_one_trains():
+  with pytest.raises(ConfigError, match=r"^stage 'dpo': loss.params.betta: loss 'dpo' has no parameter 'betta'"):
+    check_stages(parse_stages(None, ["stages.1.loss.params.betta=1"]))
+
+
+def test_loss_parameters_take_the_losss_types():
+  assert loss_params("dpo", {"beta": "1e-4", "reference_free": True}) == {"beta": 1e-4, "reference_free": True}
 
 
 @pytest.mark.parametrize("override,message", [
@@ -68,8 +82,10 @@ def test_naming_another_loss_drops_the_old_losss_parameters():
   ("data.batch_size=0", "data.batch_size"),
   ("log.every=0", "log.every must be >= 1"),
   ("checkpoint.keep=0", "checkpoint.keep >= 1"),
-  ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in (0, 1)"),
+  ("data.eval_fraction=1.5", "data.eval_fraction=1.5 must be in [0, 1)"),
   ("mesh.process_id=3", "mesh.process_id=3 must be in [0, mesh.num_processes)"),
+  ("model.num_kv_heads=0", "num_kv_heads=0: model sizes must be >= 1"),
+  ("rl.temperature=0", "rl.temperature must be > 0"),
 ])
 def test_bad_values_are_refused_before_training(override, message):
   with pytest.raises(ConfigError, match=re.escape(message)):

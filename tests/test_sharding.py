@@ -113,6 +113,8 @@ def test_distributed_entry_point_stays_off_for_single_process(monkeypatch):
 
 
 def test_process_keys_come_from_the_config_else_the_jax_variables(monkeypatch):
+  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
   monkeypatch.setenv("JAX_PROCESS_ID", "3")

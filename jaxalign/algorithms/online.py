@@ -58,6 +58,10 @@ class RLConfig:
   def __post_init__(self):
     if self.group_size < 1 or self.max_new_tokens < 1 or self.epochs < 1 or self.minibatches < 1:
       raise ValueError("rl.group_size, rl.max_new_tokens, rl.epochs and rl.minibatches must be >= 1")
+    if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0 and self.oversample >= 1):
+      raise ValueError("rl.temperature must be > 0, rl.top_p in (0, 1], rl.top_k >= 0 and rl.oversample >= 1")
+    if min(self.kl_coef, self.kl_loss_coef, self.is_cap) < 0 or not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+      raise ValueError("rl.kl_coef, rl.kl_loss_coef and rl.is_cap must be >= 0, rl.gamma and rl.lam in [0, 1]")
 
   def sampling(self, tokenizer) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,

@@ -55,8 +55,8 @@ class DataConfig:
     if self.batch_size < 1 or self.max_prompt_length < 1 or self.limit < 0 or min(self.synthetic_size) < 1:
       raise ValueError("data.batch_size, data.max_prompt_length and data.synthetic_size must be >= 1, "
                        "data.limit >= 0")
-    if not 0 < self.eval_fraction < 1:
-      raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in (0, 1)")
+    if not 0 <= self.eval_fraction < 1:
+      raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
 
   @property
   def bucket_lengths(self) -> tuple[int, ...]:

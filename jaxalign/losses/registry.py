@@ -87,15 +87,21 @@ _SETTABLE = (float, int, str, bool)
 
 def hyperparameters(name: str) -> dict[str, object]:
   """{parameter: type hint} of the keyword hyper-parameters a config may set for loss `name` (`loss.params`):
-  numbers, strings and flags. Step counts and array inputs (typed as arrays) are not among them."""
+  numbers, strings and flags, and any unannotated parameter (a user's registered loss). Step counts and array
+  inputs (annotated as arrays) are not among them."""
   fn = get(name)
   hints = typing.get_type_hints(fn)
   out = {}
-  for param in list(inspect.signature(fn).parameters)[1:]:
-    hint = hints.get(param)
+  for param in list(inspect.signature(fn).parameters.values())[1:]:
+    if param.kind is param.VAR_KEYWORD:
+      continue
+    if param.annotation is param.empty:
+      out[param.name] = typing.Any
+      continue
+    hint = hints[param.name]
     options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     if all(o in _SETTABLE or o is type(None) for o in options):
-      out[param] = hint
+      out[param.name] = hint
   return out
 
 

@@ -92,6 +92,11 @@ class ModelConfig:
   attention_impl: str = "auto"
 
   def __post_init__(self):
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+             "max_position_embeddings")
+    bad = [f"{k}={getattr(self, k)}" for k in sizes if getattr(self, k) < 1]
+    if bad:
+      raise ValueError(f"{', '.join(bad)}: model sizes must be >= 1")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.activation not in ACTIVATIONS:

@@ -269,13 +269,14 @@ def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.P
     for key, layer in zip(keys, layers, strict=True):
       tensors[key] = np.ascontiguousarray(layer.T if transposed else layer)
 
-  try:
-    if writer:
+  failure = None
+  if writer:
+    try:
       _write_dir(path, tensors, hf, tokenizer, generation=not scalar)
-  finally:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"jaxalign save_hf {path}")
+    except Exception as error:  # a full disk, a read-only folder, safetensors' own errors: one line
+      reason = f"{error.strerror} [Errno {error.errno}]" if isinstance(error, OSError) and error.strerror else error
+      failure = CheckpointError(f"cannot write the model export to {path}: {reason}")
+  sharding.raise_together(failure, f"writing {path}")  # nobody reads the export before it exists
   return path
 
 

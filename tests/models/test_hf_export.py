@@ -1,6 +1,7 @@
 """save_hf exports that transformers uses as-is: special-token ids (generate stops at EOS, a reward model
 scores padded batches), file modes per the umask, one writer among several processes."""
 
+import errno
 import json
 import os
 import stat
@@ -16,7 +17,8 @@ from jax.experimental import multihost_utils
 from transformers import PreTrainedTokenizerFast
 
 from jaxalign.data.synthetic import digits_tokenizer
-from jaxalign.models import CausalLM, ScalarModel, last_token_values, save_hf, tiny
+from jaxalign.models import CausalLM, ScalarModel, hf, last_token_values, save_hf, tiny
+from jaxalign.models.hf import CheckpointError
 
 
 def small_config(tokenizer, **overrides):
@@ -143,15 +145,36 @@ def test_export_modes_follow_the_umask(tmp_path, umask):
 
 @pytest.mark.parametrize("process", [0, 1])
 def test_only_process_zero_writes_and_all_wait_for_it(tmp_path, monkeypatch, process):
-  """Two processes simulated on one: the barrier must come after process 0's write, and process 1 writes nothing."""
+  """Two processes simulated on one: the processes agree (a collective) after process 0's write, and process 1
+  writes nothing."""
   barriers = []
   monkeypatch.setattr(jax, "process_index", lambda: process)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(multihost_utils, "sync_global_devices",
-                      lambda name: barriers.append((name, (tmp_path / "out" / "config.json").exists())))
+
+  def allgather(flag):
+    barriers.append((None, (tmp_path / "out" / "config.json").exists()))
+    return np.asarray([flag, False])
+
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
   tokenizer = digits_tokenizer()
   cfg = small_config(tokenizer)
   save_hf(CausalLM(cfg, rngs=nnx.Rngs(0)), cfg, tmp_path / "out", tokenizer=tokenizer)
   assert len(barriers) == 1
   assert barriers[0][1] == (process == 0)
   assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if process == 0 else [])
+
+
+def test_a_failed_export_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+  tokenizer = digits_tokenizer()
+  cfg = small_config(tokenizer)
+  model = CausalLM(cfg, rngs=nnx.Rngs(0))
+  save_hf(model, cfg, tmp_path / "out", tokenizer=tokenizer)
+
+  def full_disk(tensors, folder):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(hf, "_write_safetensors", full_disk)
+  with pytest.raises(CheckpointError, match=rf"^cannot write the model export to {tmp_path}/out: No space left on "
+                                            r"device \[Errno 28\]$"):
+    save_hf(model, cfg, tmp_path / "out", tokenizer=tokenizer)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out/model.safetensors").exists()

@@ -52,7 +52,17 @@ def test_different_vocabulary_is_a_one_line_error_naming_where(data_dir):
     check_same_tokenizer(digits_tokenizer(), gpt2(data_dir), "rl.reward_model=/x")
   message = str(error.value)
   assert "\n" not in message
-  assert message.startswith("rl.reward_model=/x: its tokenizer has 50257 tokens, the policy's has 19: ")
+  assert message.startswith("rl.reward_model=/x: token '<pad>' is missing in its tokenizer, id 0 in the policy's: ")
+  with pytest.raises(DataError, match=r"^rm: its tokenizer has 19 tokens, the policy's has 50257: "):
+    check_same_tokenizer(gpt2(data_dir), digits_tokenizer(), "rm")
+
+
+def test_extra_tokens_and_another_pad_token_do_not_matter():
+  """Tokens only the reward model's tokenizer has are never sampled by the policy; padding is masked."""
+  extended = digits_tokenizer()
+  extended.add_special_tokens({"pad_token": "<rm_pad>"})
+  assert len(extended) == len(digits_tokenizer()) + 1 and extended.pad_token_id != digits_tokenizer().pad_token_id
+  check_same_tokenizer(digits_tokenizer(), extended, "rm")
 
 
 def test_same_size_other_ids_or_special_tokens_are_errors():

@@ -194,8 +194,10 @@ def test_a_save_left_half_done_by_a_killed_run_is_not_a_checkpoint(saved):
   partial = saved / "8.orbax-checkpoint-tmp"
   shutil.copytree(saved / "6", partial)
   (partial / "meta" / "metadata").write_text("{")
-  ckpt = Checkpointer(saved, keep=3, every=2)
-  assert ckpt.latest_step() == 6 and not partial.exists()  # removed when the directory is opened
+  Checkpointer(saved, keep=3, every=2)  # a reader (an eval job, a notebook) never touches a live run's save
+  assert partial.exists()
+  ckpt = Checkpointer(saved, keep=3, every=2, clean=True)  # the run holding the lock removes it
+  assert ckpt.latest_step() == 6 and not partial.exists()
   assert ckpt.save(8, state_at(8), {"step": 8})
   assert_same(ckpt.restore_latest(state_at(0))[0], state_at(8))
 

@@ -152,7 +152,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_finite_checkpoints(stage, t
 
   cfg = stage(algorithm="sft", loss__name="sft", steps=8, optim__lr=1e30, optim__max_grad_norm=0.0,
               checkpoint__every=1, run_dir=str(tmp_path / "nan"))
-  with pytest.raises(TrainingError, match=r"step \d+: loss is nan; last good checkpoint: step \d+ in "):
+  with pytest.raises(TrainingError, match=r"step \d+: the last 5 updates were skipped for non-finite gradients, "
+                                          r"loss nan \(optim.max_consecutive_skips=5; .*\); last good checkpoint: "):
     train(cfg)
   run = build_run(cfg)
   ckpt = Checkpointer(tmp_path / "nan/checkpoints")

@@ -31,7 +31,7 @@ def test_keys_a_checkpoint_predates_are_not_changes_but_new_loss_parameters_are(
   saved = to_dict(stage(algorithm="preference", loss__name="dpo", data__format="preference"))
   del saved["optim"]["max_consecutive_skips"]  # written by a version without the key
   now = to_dict(stage(algorithm="preference", loss__name="dpo", data__format="preference", loss__params={"beta": 0.3}))
-  assert changed_keys(saved, now) == ["loss.params", "loss.params.beta"]
+  assert changed_keys(saved, now) == ["loss.params.beta"]
 
 
 def rows(run_dir):
@@ -41,6 +41,8 @@ def rows(run_dir):
 def test_a_used_run_dir_is_resumed_only_by_its_own_config(stage, tmp_path, caplog):
   run_dir = tmp_path / "run"
   train(stage(steps=2))
+  lrs = [r["train/lr"] for r in rows(run_dir) if "train/lr" in r]  # cosine to 0.1 lr over 2 updates
+  np.testing.assert_allclose(lrs, [3e-3, 3e-3 * (0.1 + 0.45 * (1 + np.cos(np.pi / 2)))], rtol=1e-6)
   with pytest.raises(ConfigError, match=r"holds a run with another config: optim.lr \(0.003 -> 0.001\)"):
     train(stage(steps=2, optim__lr=1e-3))
   with pytest.raises(ConfigError, match=r"saved state has another layout: optim.mu_dtype \(None -> 'bfloat16'\)"):
@@ -84,9 +86,8 @@ def test_repeatedly_skipped_updates_stop_the_run(stage, tmp_path, monkeypatch):
     train(cfg)
   logged = [r for r in rows(tmp_path / "run") if "train/skipped_updates" in r]
   assert [r["train/skipped_updates"] for r in logged] == [1, 2, 3] and all(np.isfinite(r["train/loss"]) for r in logged)
-  steps = np.array([r["step"] for r in logged])  # the cosine schedule (min_lr_ratio 0.1) of each step's update
-  np.testing.assert_allclose([r["train/lr"] for r in logged], 3e-3 * (0.1 + 0.45 * (1 + np.cos(np.pi * (steps - 1) / 30))),
-                             rtol=1e-6)
+  # The optimiser's schedule counts applied updates: with every one skipped, each step is still at update 0.
+  np.testing.assert_allclose([r["train/lr"] for r in logged], 3e-3, rtol=1e-6)
   run = build_run(cfg)  # skipped updates left the weights as they were: the checkpoint holds the initial ones
   saved, _, _ = Checkpointer(tmp_path / "run/checkpoints").restore_latest(run.state)
   for a, b in zip(jax.tree.leaves(saved.trainable), jax.tree.leaves(run.state.trainable)):

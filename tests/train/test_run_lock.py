@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
+from jaxalign import run_lock
 from jaxalign.config import ConfigError
 from jaxalign.run_lock import RunDirBusy, RunLock
 
@@ -75,6 +77,25 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over(tmp_path, capl
   assert warning == (f"{tmp_path}/.lock was left by pid {pid} on this host (since 2026-12-02 05:10 UTC), which is "
                      "no longer running: taking it over")
   assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_from_another_host_is_taken_over_once_its_heartbeat_stops(tmp_path, caplog, monkeypatch):
+  write_lock(tmp_path, host="node-7", pid=4242)
+  old = time.time() - run_lock.STALE_AFTER_S - 5
+  os.utime(tmp_path / ".lock", (old, old))
+  with RunLock(tmp_path):
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == socket.gethostname()
+  assert lock_warnings(caplog) == [f"{tmp_path}/.lock was left by pid 4242 on host node-7 (since 2026-12-02 05:10 UTC), "
+                                   f"not refreshed for {run_lock.STALE_AFTER_S:.0f} s: taking it over"]
+
+
+def test_a_held_lock_is_refreshed_so_other_hosts_see_it_alive(tmp_path, monkeypatch):
+  monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+  with RunLock(tmp_path):
+    old = time.time() - 3600
+    os.utime(tmp_path / ".lock", (old, old))
+    time.sleep(0.3)
+    assert time.time() - (tmp_path / ".lock").stat().st_mtime < 5
 
 
 @pytest.mark.parametrize("content", ["", "{\"host\": \"h\", \"pi", "[1, 2]", '{"host": "h", "pid": 0, "started": "x"}'])
