@@ -27,6 +27,7 @@ from collections.abc import Callable
 import jax
 import orbax.checkpoint as ocp
 
+from jaxalign import sharding
 from jaxalign.algorithms.step import TrainState
 from jaxalign.models.hf import CheckpointError
 
@@ -133,13 +134,18 @@ class Checkpointer:
     """
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
+      reason = None
       try:
         meta = self._read_meta(step)
         if check is not None:
           check(meta)
         state = self._read_state(abstract, step)
       except _Unreadable as error:
-        failures.append((step, error.reason))
+        reason = error.reason
+      # Each process reads its own shards: a step one of them cannot read is skipped by all of them.
+      others = [i for i in sharding.processes_where(reason is not None) if i != jax.process_index()]
+      if reason is not None or others:
+        failures.append((step, reason or f"unreadable on process {others[0]}"))
         continue
       self._warn_fallback(failures, step, notes=self._set_aside([s for s, _ in failures]))
       log.info("checkpoint: resumed from step %d in %s", step, self.directory)
