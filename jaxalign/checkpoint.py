@@ -228,9 +228,7 @@ class Checkpointer:
       except OSError as error:
         notes[step] = f"could not move it aside: {_reason(error)}"
     if steps:
-      if jax.process_count() > 1:  # every process must see the same steps before the next (collective) save
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("jaxalign checkpoint: unreadable steps set aside")
+      sharding.barrier("jaxalign checkpoint: unreadable steps set aside")  # all see the same steps before a save
       self.manager.reload()
     return notes
 
