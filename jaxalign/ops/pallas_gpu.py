@@ -17,6 +17,10 @@ forward's whole-weight block), which on GPU become bounds-masked loads and in in
 NaN padding; every load past D is masked to 0, columns past V get a large negative logit via
 `where`, and rows past N are dropped on store.
 
+A logit floor (optional [N] float32 input, a (bn,) block like the targets) sets the columns
+below it, bar the target, to NEG as well (see `xla_chunked.floor_mask`); without one the
+kernels take no floor input and do no masking.
+
 `jax.export(..., platforms=["cuda"])` lowers these on a machine without a GPU when an abstract
 CUDA device is in scope (see `abstract_cuda_mesh`).
 """
@@ -71,17 +75,35 @@ def _tile_logits(h_ref, w_ref, c0, *, d, bk, bv, inv_t):
   return acc * inv_t
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, tz_ref, *, d, v_total, bk, bv,
-                    inv_t, with_entropy):
-  """One program: bn tokens against the whole vocab (online log-sum-exp over bv tiles)."""
+def _floor_ref(refs, has_floor):
+  """(f_ref or None, the remaining refs) from the refs after the targets."""
+  return (refs[0], refs[1:]) if has_floor else (None, refs)
+
+
+def _keep_floor(z, col, t, f):
+  """[bn, bv] bool: z >= the row's floor f [bn] or the target column t [bn]."""
+  return (z >= f[:, None]) | (col == t[:, None])
+
+
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_entropy,
+                    has_floor):
+  """One program: bn tokens against the whole vocab (online log-sum-exp over bv tiles).
+
+  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref.
+  """
+  f_ref, (lse_ref, ent_ref, tz_ref) = _floor_ref(refs, has_floor)
   bn = h_ref.shape[0]
   t = t_ref[...]  # [bn]
+  f = None if f_ref is None else f_ref[...]  # [bn]
 
   def body(j, carry):
     m_old, s_old, e_old, tz_old = carry  # each [bn]
     z = _tile_logits(h_ref, w_ref, j * bv, d=d, bk=bk, bv=bv, inv_t=inv_t)  # [bn, bv]
     col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
-    z = jnp.where(col < v_total, z, NEG)
+    keep = col < v_total
+    if f is not None:
+      keep &= _keep_floor(z, col, t, f)
+    z = jnp.where(keep, z, NEG)
     m_new = jnp.maximum(m_old, jnp.max(z, axis=1))
     alpha = jnp.exp(m_old - m_new)
     e = jnp.exp(z - m_new[:, None])
@@ -102,14 +124,21 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, tz_ref, *, d, v_total
   tz_ref[...] = tz
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True, block_n=BLOCK_N,
-            block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
+def _floor_args(floor):
+  """The floor as an [N] float32 kernel input: [] without one."""
+  return [] if floor is None else [floor.astype(jnp.float32)]
+
+
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
+            block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
+            interpret=False):
   """Fused (lse, ent, tz) of the tempered logits (see `xla_chunked`), each [N] float32.
 
   Args:
     hidden: [N, D] bf16 or f32. weight: [D, V] same dtype.
     targets: [N] int, column index (out of [0, V): no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
     block_n, block_v, block_k: powers of two >= 16. num_warps: Triton warps per program.
     interpret: run on CPU.
   """
@@ -117,38 +146,49 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, block_n=
   v = weight.shape[1]
   bn, bv, bk = _pow2_block(n, block_n), _pow2_block(v, block_v), _pow2_block(d, block_k)
   d_pad, v_pad = _round_up(d, bk), _round_up(v, bv)
+  floor_args = _floor_args(floor)
   kernel = functools.partial(_forward_kernel, d=d, v_total=v, bk=bk, bv=bv,
-                             inv_t=1.0 / temperature, with_entropy=with_entropy)
+                             inv_t=1.0 / temperature, with_entropy=with_entropy,
+                             has_floor=bool(floor_args))
   row = pl.BlockSpec((bn,), lambda i: (i,))
   return tuple(pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn),),
       in_specs=[pl.BlockSpec((bn, d_pad), lambda i: (i, 0)),
-                pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row],
+                pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row] + [row] * len(floor_args),
       out_specs=[row, row, row],
       out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 3,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="token_logprobs_fwd",
-  )(hidden, weight, targets.astype(jnp.int32)))
+  )(hidden, weight, targets.astype(jnp.int32), *floor_args))
 
 
-def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
+def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
                       block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
                       interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, block_k, num_warps, interpret
+  targets = targets.astype(jnp.int32)
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
-  return xla_chunked.tile_stats(z, targets.astype(jnp.int32), with_entropy=with_entropy)
+  z = xla_chunked.apply_floor(z, targets, floor)
+  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy)
 
 
-def _grad_kernel(h_ref, w_ref, t_ref, lse_ref, ez_ref, clp_ref, cent_ref, gz_ref, *, d,
-                 v_total, bk, bv, inv_t, with_lp, with_ent):
-  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V."""
+def _grad_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_lp, with_ent,
+                 has_floor):
+  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V (and, with
+  a floor, zero on the columns it drops: p = exp(NEG - lse) = 0 there).
+
+  refs: [f_ref (floor, when has_floor)], lse_ref, ez_ref, clp_ref, cent_ref, gz_ref.
+  """
+  f_ref, (lse_ref, ez_ref, clp_ref, cent_ref, gz_ref) = _floor_ref(refs, has_floor)
   bn = h_ref.shape[0]
   j = pl.program_id(1)
   z = _tile_logits(h_ref, w_ref, 0, d=d, bk=bk, bv=bv, inv_t=inv_t)  # [bn, bv]
   col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
+  if f_ref is not None:
+    z = jnp.where(_keep_floor(z, col, t_ref[...], f_ref[...]), z, NEG)
   p = jnp.exp(z - lse_ref[...][:, None])
   gz = jnp.zeros_like(z)
   if with_lp:
@@ -160,44 +200,49 @@ def _grad_kernel(h_ref, w_ref, t_ref, lse_ref, ez_ref, clp_ref, cent_ref, gz_ref
 
 
 def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, with_ent=True,
-                out_dtype=None, block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K,
-                num_warps=NUM_WARPS, interpret=False):
+                out_dtype=None, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
   """Fused gradient with respect to the raw logits hidden @ weight, [N, V] in out_dtype.
 
   Args:
     hidden: [N, D]. weight: [D, V]. targets: [N] int column index.
     rows: `xla_chunked.Rows` of [N] float32 (lse, ez, coef_lp, coef_ent).
     with_lp / with_ent: include the log-prob / entropy term. out_dtype: default hidden's.
+    floor: None or [N] float32 logit floor.
     block_n, block_v, block_k, num_warps, interpret: as in `forward`.
   """
   n, d = hidden.shape
   v = weight.shape[1]
   bn, bv, bk = _pow2_block(n, block_n), _pow2_block(v, block_v), _pow2_block(d, block_k)
   d_pad = _round_up(d, bk)
+  floor_args = _floor_args(floor)
   kernel = functools.partial(_grad_kernel, d=d, v_total=v, bk=bk, bv=bv,
-                             inv_t=1.0 / temperature, with_lp=with_lp, with_ent=with_ent)
+                             inv_t=1.0 / temperature, with_lp=with_lp, with_ent=with_ent,
+                             has_floor=bool(floor_args))
   row = pl.BlockSpec((bn,), lambda i, j: (i,))
   return pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
       in_specs=[pl.BlockSpec((bn, d_pad), lambda i, j: (i, 0)),
-                pl.BlockSpec((d_pad, bv), lambda i, j: (0, j))] + [row] * 5,
+                pl.BlockSpec((d_pad, bv), lambda i, j: (0, j))] + [row] * (5 + len(floor_args)),
       out_specs=pl.BlockSpec((bn, bv), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((n, v), out_dtype or hidden.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="token_logprobs_grad",
-  )(hidden, weight, targets.astype(jnp.int32), *(r.astype(jnp.float32) for r in rows))
+  )(hidden, weight, targets.astype(jnp.int32), *floor_args,
+    *(r.astype(jnp.float32) for r in rows))
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None, block_n=BLOCK_N, block_v=BLOCK_V,
-                          block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
+                          with_ent=True, out_dtype=None, floor=None, block_n=BLOCK_N,
+                          block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
+                          interpret=False):
   """Pure-jnp `grad_logits`."""
   del block_n, block_v, block_k, num_warps, interpret
   return xla_chunked.grad_logits_reference(
       hidden, weight, targets.astype(jnp.int32), rows, temperature=temperature,
-      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype)
+      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor)
 
 
 def abstract_cuda_mesh(device_kind="NVIDIA H100 80GB HBM3"):

@@ -16,6 +16,10 @@ array's dims, so bn is a multiple of 8 (16 for bf16 is better) unless it is N, b
 of 128 unless it is V, and D is never split. Tails (N % bn, V % bv) are edge blocks: columns
 past V are masked to a large negative logit and excluded with `where` (never multiplied, so
 garbage or NaN padding cannot leak), rows past N are dropped when the block is written.
+
+A logit floor (optional [N] float32 input, a (bn, 1) block like the targets) sets the tile's
+columns below it, bar the target, to NEG as well (see `xla_chunked.floor_mask`); without one
+the kernels take no floor input and do no masking.
 """
 
 import functools
@@ -41,9 +45,26 @@ def _block(size, block, multiple):
   return block
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, tz_ref, m_sc, s_sc, e_sc, tz_sc,
-                    *, inv_t, v_total, bv, with_entropy):
-  """One (token block i, vocab block j) step of the online log-sum-exp."""
+def _floor_ref(refs, has_floor):
+  """(f_ref or None, the remaining refs) from the refs after the targets."""
+  return (refs[0], refs[1:]) if has_floor else (None, refs)
+
+
+def _mask(z, col, v_total, t_ref, f_ref):
+  """NEG past V and, with a floor, below it (the target column always kept)."""
+  keep = col < v_total
+  if f_ref is not None:
+    keep &= (z >= f_ref[...]) | (col == t_ref[...])
+  return jnp.where(keep, z, NEG)
+
+
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy, has_floor):
+  """One (token block i, vocab block j) step of the online log-sum-exp.
+
+  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, then 4 scratch refs.
+  """
+  f_ref, refs = _floor_ref(refs, has_floor)
+  lse_ref, ent_ref, tz_ref, m_sc, s_sc, e_sc, tz_sc = refs
   j = pl.program_id(1)
 
   @pl.when(j == 0)
@@ -55,7 +76,7 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, tz_ref, m_sc, s_sc, e
 
   z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_t  # [bn, bv]
   col = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
-  z = jnp.where(col < v_total, z, NEG)
+  z = _mask(z, col, v_total, t_ref, f_ref)
   m_old = m_sc[...]  # [bn, 1]
   s_old = s_sc[...]
   m_new = jnp.maximum(m_old, jnp.max(z, axis=1, keepdims=True))
@@ -77,51 +98,68 @@ def _forward_kernel(h_ref, w_ref, t_ref, lse_ref, ent_ref, tz_ref, m_sc, s_sc, e
     tz_ref[...] = tz_sc[...]
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True, block_n=BLOCK_N,
-            block_v=BLOCK_V, interpret=False):
+def _floor_args(floor, n):
+  """The floor as a [N, 1] float32 kernel input: [] without one."""
+  return [] if floor is None else [floor.astype(jnp.float32).reshape(n, 1)]
+
+
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
+            block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
   """Fused (lse, ent, tz) of the tempered logits (see `xla_chunked`), each [N] float32.
 
   Args:
     hidden: [N, D] bf16 or f32. weight: [D, V] same dtype.
     targets: [N] int, column index (out of [0, V): no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
     block_n, block_v: block sizes (multiples of 8 and 128). interpret: run on CPU.
   """
   n, d = hidden.shape
   v = weight.shape[1]
   bn, bv = _block(n, block_n, 8), _block(v, block_v, 128)
+  floor_args = _floor_args(floor, n)
   kernel = functools.partial(_forward_kernel, inv_t=1.0 / temperature, v_total=v, bv=bv,
-                             with_entropy=with_entropy)
+                             with_entropy=with_entropy, has_floor=bool(floor_args))
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   out = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
       in_specs=[pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-                pl.BlockSpec((d, bv), lambda i, j: (0, j)), row],
+                pl.BlockSpec((d, bv), lambda i, j: (0, j)), row] + [row] * len(floor_args),
       out_specs=[row, row, row],
       out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 3,
       scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 4,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       interpret=interpret,
       name="token_logprobs_fwd",
-  )(hidden, weight, targets.astype(jnp.int32).reshape(n, 1))
+  )(hidden, weight, targets.astype(jnp.int32).reshape(n, 1), *floor_args)
   return tuple(o[:, 0] for o in out)
 
 
-def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
+def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
                       block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, interpret
+  targets = targets.astype(jnp.int32)
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
-  return xla_chunked.tile_stats(z, targets.astype(jnp.int32), with_entropy=with_entropy)
+  z = xla_chunked.apply_floor(z, targets, floor)
+  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy)
 
 
-def _grad_kernel(h_ref, w_ref, t_ref, lse_ref, ez_ref, clp_ref, cent_ref, gz_ref, *, inv_t,
-                 v_total, bv, with_lp, with_ent):
-  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V."""
+def _grad_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_lp, with_ent,
+                 has_floor):
+  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V (and, with
+  a floor, zero on the columns it drops: p = exp(NEG - lse) = 0 there).
+
+  refs: [f_ref (floor, when has_floor)], lse_ref, ez_ref, clp_ref, cent_ref, gz_ref.
+  """
+  f_ref, refs = _floor_ref(refs, has_floor)
+  lse_ref, ez_ref, clp_ref, cent_ref, gz_ref = refs
   j = pl.program_id(1)
   z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_t  # [bn, bv]
   col = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  if f_ref is not None:
+    z = jnp.where((z >= f_ref[...]) | (col == t_ref[...]), z, NEG)
   p = jnp.exp(z - lse_ref[...])
   gz = jnp.zeros_like(z)
   if with_lp:
@@ -132,40 +170,43 @@ def _grad_kernel(h_ref, w_ref, t_ref, lse_ref, ez_ref, clp_ref, cent_ref, gz_ref
 
 
 def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, with_ent=True,
-                out_dtype=None, block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
+                out_dtype=None, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                interpret=False):
   """Fused gradient with respect to the raw logits hidden @ weight, [N, V] in out_dtype.
 
   Args:
     hidden: [N, D]. weight: [D, V]. targets: [N] int column index.
     rows: `xla_chunked.Rows` of [N] float32 (lse, ez, coef_lp, coef_ent).
     with_lp / with_ent: include the log-prob / entropy term.
-    out_dtype: result dtype (default hidden's). block_n, block_v, interpret: as in `forward`.
+    out_dtype: result dtype (default hidden's). floor: None or [N] float32 logit floor.
+    block_n, block_v, interpret: as in `forward`.
   """
   n, d = hidden.shape
   v = weight.shape[1]
   bn, bv = _block(n, block_n, 8), _block(v, block_v, 128)
+  floor_args = _floor_args(floor, n)
   kernel = functools.partial(_grad_kernel, inv_t=1.0 / temperature, v_total=v, bv=bv,
-                             with_lp=with_lp, with_ent=with_ent)
+                             with_lp=with_lp, with_ent=with_ent, has_floor=bool(floor_args))
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   return pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
       in_specs=[pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
-                pl.BlockSpec((d, bv), lambda i, j: (0, j))] + [row] * 5,
+                pl.BlockSpec((d, bv), lambda i, j: (0, j))] + [row] * (5 + len(floor_args)),
       out_specs=pl.BlockSpec((bn, bv), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((n, v), out_dtype or hidden.dtype),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=interpret,
       name="token_logprobs_grad",
-  )(hidden, weight, targets.astype(jnp.int32).reshape(n, 1),
+  )(hidden, weight, targets.astype(jnp.int32).reshape(n, 1), *floor_args,
     *(r.astype(jnp.float32).reshape(n, 1) for r in rows))
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None, block_n=BLOCK_N, block_v=BLOCK_V,
-                          interpret=False):
+                          with_ent=True, out_dtype=None, floor=None, block_n=BLOCK_N,
+                          block_v=BLOCK_V, interpret=False):
   """Pure-jnp `grad_logits`."""
   del block_n, block_v, interpret
   return xla_chunked.grad_logits_reference(
       hidden, weight, targets.astype(jnp.int32), rows, temperature=temperature,
-      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype)
+      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor)

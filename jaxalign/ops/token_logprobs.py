@@ -16,6 +16,11 @@ for z = hidden @ weight / temperature without materialising [N, V] logits in tra
 Gradients come from a `jax.custom_vjp` whose backward recomputes logits tile by tile and
 accumulates dhidden / dweight in float32 (see `xla_chunked` for the formulas). Zero
 cotangents (an unused entropy, an unperturbed weight) skip their share of the work.
+
+An optional per-row `logit_floor` [N] replays a sampler's top-k / top-p mask: row n
+normalises over K_n = {v : z_v >= floor_n} ∪ {target_n} (z tempered). Every path masks the
+other columns to `NEG` tile by tile (see `xla_chunked.floor_mask`). Without a floor, None
+travels all the way down and the compiled program is the one without the feature.
 """
 
 import dataclasses
@@ -70,9 +75,11 @@ def _forward_fn(spec):
   def make(flavor, interpret):
     kw = dict(temperature=spec.temperature, with_entropy=spec.with_entropy)
     if flavor is None:
-      return functools.partial(xla_chunked.forward, **kw)
-    module = pallas_gpu if flavor == "pallas_gpu" else pallas_tpu
-    return functools.partial(module.forward, interpret=interpret, **kw)
+      fn = functools.partial(xla_chunked.forward, **kw)
+    else:
+      module = pallas_gpu if flavor == "pallas_gpu" else pallas_tpu
+      fn = functools.partial(module.forward, interpret=interpret, **kw)
+    return lambda h, w, t, floor: fn(h, w, t, floor=floor)
   return make
 
 
@@ -86,23 +93,37 @@ def _backward_fn(spec, with_lp, with_ent, dh_dtype, dw_dtype):
       module = pallas_gpu if flavor == "pallas_gpu" else pallas_tpu
       grad_fn = functools.partial(module.grad_logits, interpret=interpret, **grad_kw)
       chunks = dict(token_chunk=PALLAS_TOKEN_CHUNK, vocab_chunk=PALLAS_VOCAB_CHUNK)
-    return functools.partial(
+    fn = functools.partial(
         xla_chunked.backward, grad_fn, need_dh=spec.need_dh, need_dw=spec.need_dw,
         dh_dtype=dh_dtype, dw_dtype=dw_dtype, **chunks)
+    return lambda h, w, t, rows, floor: fn(h, w, t, rows, floor=floor)
   return make
 
 
-def forward_stats(hidden, weight, targets, spec):
-  """(lse, ent, tz), each [N] float32, for a column-local targets array (see `xla_chunked`)."""
-  return _per_platform(_forward_fn(spec), spec.impl, hidden, weight, targets)
+def forward_stats(hidden, weight, targets, spec, floor=None):
+  """(lse, ent, tz), each [N] float32, for a column-local targets array (see `xla_chunked`).
+
+  floor: None or [N] float32 tempered-logit floor (columns below it, bar the target, are
+  out; see `xla_chunked.floor_mask`).
+  """
+  return _per_platform(_forward_fn(spec), spec.impl, hidden, weight, targets, floor)
 
 
 def backward_grads(hidden, weight, targets, rows, spec, *, with_lp, with_ent, dh_dtype=None,
-                   dw_dtype=None):
-  """(dhidden [N, D] or None, dweight [D, V] or None) from `xla_chunked.Rows`."""
+                   dw_dtype=None, floor=None):
+  """(dhidden [N, D] or None, dweight [D, V] or None) from `xla_chunked.Rows` (and floor)."""
   make = _backward_fn(spec, with_lp, with_ent, dh_dtype or hidden.dtype,
                       dw_dtype or weight.dtype)
-  return _per_platform(make, spec.impl, hidden, weight, targets, rows)
+  return _per_platform(make, spec.impl, hidden, weight, targets, rows, floor)
+
+
+def empty_rows_zero_entropy(lse, ent, floor):
+  """Entropy 0 where the floor kept no column (an ignored target above every logit): such a
+  row's merged lse is NEG, its entropy otherwise the junk of an all-NEG row. Identity
+  without a floor."""
+  if floor is None:
+    return ent
+  return jnp.where(lse > 0.5 * xla_chunked.NEG, ent, 0.0)
 
 
 def cotangent_rows(targets, lse, ent, g_lp, g_ent, temperature):
@@ -115,46 +136,60 @@ def cotangent_rows(targets, lse, ent, g_lp, g_ent, temperature):
   return xla_chunked.Rows(lse, lse - ent, coef_lp, coef_ent), with_lp, with_ent
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused(hidden, weight, targets, spec):
-  lse, ent, tz = forward_stats(hidden, weight, targets, spec)
+def _stats(hidden, weight, targets, floor, spec):
+  lse, ent, tz = forward_stats(hidden, weight, targets, spec, floor)
+  return lse, empty_rows_zero_entropy(lse, ent, floor), tz
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused(hidden, weight, targets, floor, spec):
+  lse, ent, tz = _stats(hidden, weight, targets, floor, spec)
   return jnp.where(targets >= 0, tz - lse, 0.0), ent
 
 
-def _fused_fwd(hidden, weight, targets, spec):
+def _fused_fwd(hidden, weight, targets, floor, spec):
   h, w, t = hidden.value, weight.value, targets.value
-  lse, ent, tz = forward_stats(h, w, t, spec)
+  f = None if floor is None else floor.value
+  lse, ent, tz = _stats(h, w, t, f, spec)
   logp = jnp.where(t >= 0, tz - lse, 0.0)
   spec = dataclasses.replace(spec, need_dh=hidden.perturbed, need_dw=weight.perturbed)
-  return (logp, ent), (h, w, t, lse, ent, spec)
+  return (logp, ent), (h, w, t, f, lse, ent, spec)
 
 
 def _fused_bwd(_, res, cotangents):
-  h, w, t, lse, ent, spec = res
+  h, w, t, f, lse, ent, spec = res
   rows, with_lp, with_ent = cotangent_rows(t, lse, ent, *cotangents, spec.temperature)
   with_ent = with_ent and spec.with_entropy
   if not (with_lp or with_ent) or not (spec.need_dh or spec.need_dw):
-    return None, None, None
-  dh, dw = backward_grads(h, w, t, rows, spec, with_lp=with_lp, with_ent=with_ent)
-  return dh, dw, None
+    return None, None, None, None
+  dh, dw = backward_grads(h, w, t, rows, spec, with_lp=with_lp, with_ent=with_ent, floor=f)
+  return dh, dw, None, None  # the floor is data: no gradient
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
-def naive_token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
+def naive_token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
+                         return_entropy=False):
   """Reference: materialises float32 [N, V] logits; gradients by autodiff. Same contract."""
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
+  if logit_floor is not None:
+    keep = xla_chunked.floor_mask(z, targets, logit_floor)  # [N, V]
+    z = jnp.where(keep, z, xla_chunked.NEG)
   logp_all = jax.nn.log_softmax(z, axis=-1)  # [N, V]
   picked = jnp.take_along_axis(logp_all, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
   logp = jnp.where(targets >= 0, picked, 0.0)
   if not return_entropy:
     return logp
-  return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  if logit_floor is not None:
+    ent = jnp.where(jnp.any(keep, axis=-1), ent, 0.0)
+  return logp, ent
 
 
-def check_inputs(hidden, weight, targets, temperature, impl):
-  """Validates shapes, dtypes and options with one-line errors; returns (targets, temperature)."""
+def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None):
+  """Validates shapes, dtypes and options with one-line errors; returns (targets, temperature,
+  logit_floor) with targets int32 and the floor float32 (or None)."""
   if impl not in IMPLS:
     raise ValueError(f"token_logprobs: impl={impl!r}; expected one of {IMPLS}")
   if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[0]:
@@ -169,11 +204,18 @@ def check_inputs(hidden, weight, targets, temperature, impl):
     raise TypeError("token_logprobs: temperature must be a Python number (it is static)")
   if not temperature > 0:
     raise ValueError(f"token_logprobs: temperature must be > 0; got {temperature}")
-  return targets.astype(jnp.int32), temperature
+  if logit_floor is not None:
+    shape, dtype = getattr(logit_floor, "shape", None), getattr(logit_floor, "dtype", None)
+    if shape != hidden.shape[:1] or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      got = f"{dtype}{list(shape)}" if shape is not None else type(logit_floor).__name__
+      raise ValueError(f"token_logprobs: logit_floor must be a float array [N={hidden.shape[0]}]"
+                       f" (or None); got {got}")
+    logit_floor = logit_floor.astype(jnp.float32)
+  return targets.astype(jnp.int32), temperature, logit_floor
 
 
-def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False,
-                   impl="auto"):
+def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
+                   return_entropy=False, impl="auto"):
   """Log-probabilities of the target tokens under softmax(hidden @ weight / temperature).
 
   Args:
@@ -182,17 +224,26 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
     targets: [N] integer token ids in [0, V); a negative id marks an ignored position:
       log-prob 0 and no gradient from it. Its entropy is still computed (and differentiated).
     temperature: static Python float > 0; log-probs and entropy are of logits / temperature.
-    return_entropy: also return the entropy of softmax(logits / temperature).
+    logit_floor: None (the full softmax) or [N] float: the sampler's smallest kept tempered
+      logit per row (top-k / top-p replay). Row n then normalises over {v : logits[n, v] /
+      temperature >= logit_floor[n]} plus its target (so a target a rounding error below the
+      floor still counts); -inf means no truncation. Log-probs, entropy and gradients are
+      those of that renormalised distribution; the floor gets no gradient. A row that keeps
+      no column (only possible with an ignored target) has log-prob 0, entropy 0 and no
+      gradient.
+    return_entropy: also return the entropy of softmax(logits / temperature) (restricted as
+      above when logit_floor is given).
     impl: "auto", "pallas", "xla", "naive" (see the module docstring).
 
   Returns:
     logp [N] float32, or (logp [N], entropy [N]) float32 when return_entropy.
   """
-  targets, temperature = check_inputs(hidden, weight, targets, temperature, impl)
+  targets, temperature, logit_floor = check_inputs(hidden, weight, targets, temperature, impl,
+                                                   logit_floor)
   if impl == "naive":
     return naive_token_logprobs(hidden, weight, targets, temperature=temperature,
-                                return_entropy=return_entropy)
+                                logit_floor=logit_floor, return_entropy=return_entropy)
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
   spec = OpSpec(impl, temperature, bool(return_entropy))
-  logp, ent = _fused(hidden.astype(dtype), weight.astype(dtype), targets, spec)
+  logp, ent = _fused(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, spec)
   return (logp, ent) if return_entropy else logp

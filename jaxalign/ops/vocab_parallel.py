@@ -14,6 +14,10 @@ across the vocab axis with one pmax and three psums:
 The backward (a custom_vjp around both shard_maps) gives each shard the global lse and
 E_p[z]; a shard's dhidden is a partial sum over its columns (psum over the vocab axis) and
 its dweight slice a partial sum over its tokens (psum over the token axes), both in float32.
+
+A logit floor [N] is sharded like the targets: every shard masks its own columns against
+its rows' floors (a shard that keeps none of a row's columns has lse_k = NEG, weight 0 in the
+merge), so the merged statistics are those of the restricted softmax.
 """
 
 import dataclasses
@@ -26,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 # The package re-exports the function under the module's name, so import names, not the module.
 from jaxalign.ops.token_logprobs import (OpSpec, backward_grads, check_inputs, cotangent_rows,
-                                         forward_stats)
+                                         empty_rows_zero_entropy, forward_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,43 +58,47 @@ def _merge_over(stats, axis):
   return lse, ent, lax.psum(tz_k, axis)
 
 
-def _forward(hidden, weight, targets, layout, spec):
+def _forward(hidden, weight, targets, floor, layout, spec):
   h_spec, w_spec, t_spec = layout.specs()
 
-  def local(h, w, t):
+  def local(h, w, t, f):
     t_local = _local_targets(t, w.shape[1], layout.vocab_axis)
-    stats = forward_stats(h, w, t_local, spec)
+    stats = forward_stats(h, w, t_local, spec, f)
     return _merge_over(stats, layout.vocab_axis)
 
-  return jax.shard_map(local, mesh=layout.mesh, in_specs=(h_spec, w_spec, t_spec),
-                       out_specs=(t_spec,) * 3, check_vma=False)(hidden, weight, targets)
+  in_specs = (h_spec, w_spec, t_spec, t_spec)  # the floor (or None) is split like the targets
+  lse, ent, tz = jax.shard_map(local, mesh=layout.mesh, in_specs=in_specs,
+                               out_specs=(t_spec,) * 3, check_vma=False)(hidden, weight,
+                                                                         targets, floor)
+  return lse, empty_rows_zero_entropy(lse, ent, floor), tz
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _vp(hidden, weight, targets, layout, spec):
-  lse, ent, tz = _forward(hidden, weight, targets, layout, spec)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _vp(hidden, weight, targets, floor, layout, spec):
+  lse, ent, tz = _forward(hidden, weight, targets, floor, layout, spec)
   return jnp.where(targets >= 0, tz - lse, 0.0), ent
 
 
-def _vp_fwd(hidden, weight, targets, layout, spec):
+def _vp_fwd(hidden, weight, targets, floor, layout, spec):
   h, w, t = hidden.value, weight.value, targets.value
-  lse, ent, tz = _forward(h, w, t, layout, spec)
+  f = None if floor is None else floor.value
+  lse, ent, tz = _forward(h, w, t, f, layout, spec)
   spec = dataclasses.replace(spec, need_dh=hidden.perturbed, need_dw=weight.perturbed)
-  return (jnp.where(t >= 0, tz - lse, 0.0), ent), (h, w, t, lse, ent, spec)
+  return (jnp.where(t >= 0, tz - lse, 0.0), ent), (h, w, t, f, lse, ent, spec)
 
 
 def _vp_bwd(layout, _, res, cotangents):
-  h, w, t, lse, ent, spec = res
+  h, w, t, f, lse, ent, spec = res
   rows, with_lp, with_ent = cotangent_rows(t, lse, ent, *cotangents, spec.temperature)
   with_ent = with_ent and spec.with_entropy
   if not (with_lp or with_ent) or not (spec.need_dh or spec.need_dw):
-    return None, None, None
+    return None, None, None, None
   h_spec, w_spec, t_spec = layout.specs()
 
-  def local(h, w, t, rows):
+  def local(h, w, t, rows, f):
     t_local = _local_targets(t, w.shape[1], layout.vocab_axis)
     dh, dw = backward_grads(h, w, t_local, rows, spec, with_lp=with_lp, with_ent=with_ent,
-                               dh_dtype=jnp.float32, dw_dtype=jnp.float32)
+                            dh_dtype=jnp.float32, dw_dtype=jnp.float32, floor=f)
     if dh is not None:
       dh = lax.psum(dh, layout.vocab_axis).astype(h.dtype)
     if dw is not None:
@@ -98,9 +106,10 @@ def _vp_bwd(layout, _, res, cotangents):
     return dh, dw
 
   out_specs = (h_spec if spec.need_dh else None, w_spec if spec.need_dw else None)
-  dh, dw = jax.shard_map(local, mesh=layout.mesh, in_specs=(h_spec, w_spec, t_spec, t_spec),
-                         out_specs=out_specs, check_vma=False)(h, w, t, rows)
-  return dh, dw, None
+  dh, dw = jax.shard_map(local, mesh=layout.mesh,
+                         in_specs=(h_spec, w_spec, t_spec, t_spec, t_spec),
+                         out_specs=out_specs, check_vma=False)(h, w, t, rows, f)
+  return dh, dw, None, None  # the floor is data: no gradient
 
 
 _vp.defvjp(_vp_fwd, _vp_bwd, symbolic_zeros=True)
@@ -108,7 +117,7 @@ _vp.defvjp(_vp_fwd, _vp_bwd, symbolic_zeros=True)
 
 def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="tensor",
                                   token_axes=("data", "fsdp"), temperature=1.0,
-                                  return_entropy=False, impl="auto"):
+                                  logit_floor=None, return_entropy=False, impl="auto"):
   """`token_logprobs` with the LM head sharded over `vocab_axis` of `mesh`.
 
   Gives the unsharded result (up to float rounding) without gathering the weight or logits.
@@ -120,7 +129,8 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
     mesh: a `jax.sharding.Mesh`. vocab_axis: its vocab-parallel axis name.
     token_axes: its axes that shard tokens (names absent from the mesh are dropped); N must
       divide evenly by their total size.
-    temperature, return_entropy, impl: as in `token_logprobs` ("naive" is not sharded).
+    temperature, logit_floor, return_entropy, impl: as in `token_logprobs` ("naive" is not
+      sharded); logit_floor [N] is sharded like the targets.
 
   Returns:
     logp [N] float32 (and entropy [N] when return_entropy), sharded over `token_axes`.
@@ -128,7 +138,8 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
   if impl == "naive":
     raise ValueError("vocab_parallel_token_logprobs: impl='naive' has no vocab-parallel form; "
                      "use token_logprobs(..., impl='naive') as the reference")
-  targets, temperature = check_inputs(hidden, weight, targets, temperature, impl)
+  targets, temperature, logit_floor = check_inputs(hidden, weight, targets, temperature, impl,
+                                                   logit_floor)
   names = mesh.axis_names
   if vocab_axis not in names:
     raise ValueError(f"vocab_parallel_token_logprobs: vocab_axis {vocab_axis!r} not in mesh "
@@ -144,5 +155,6 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
   spec = OpSpec(impl, temperature, bool(return_entropy))
   layout = _Layout(mesh, vocab_axis, token_axes)
-  logp, ent = _vp(hidden.astype(dtype), weight.astype(dtype), targets, layout, spec)
+  logp, ent = _vp(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, layout,
+                  spec)
   return (logp, ent) if return_entropy else logp

@@ -20,6 +20,12 @@ c_ent = g_ent / T, the gradient with respect to the raw logits x = hidden @ weig
 
 (d entropy / dz_k = p_k (E_p[z] - z_k)); dhidden = dx @ weight^T and dweight = hidden^T @ dx
 are accumulated in float32.
+
+With a logit floor f [N] (top-k / top-p replay), row n keeps K_n = {j : z_j >= f_n} plus its
+target column: every tile sets the other logits to NEG before the statistics (and before the
+gradient), so p is the softmax restricted to K_n, its entropy and E_p[z] are over K_n, and the
+formulas above hold unchanged (a masked column has p = 0 exactly, and 0 * (ez - NEG) = 0).
+floor=None skips the masking entirely.
 """
 
 import functools
@@ -33,6 +39,7 @@ from jax import lax
 # one [1024, 4096] float32 tile is 16 MiB.
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
+NEG = -1e30  # masked logit: exp(NEG - m) == 0 and 0 * NEG == 0, unlike -inf
 
 
 class Rows(NamedTuple):
@@ -67,6 +74,24 @@ def tile_stats(z, targets, *, with_entropy=True):
   return lse, ent, tz
 
 
+def floor_mask(z, targets, floor):
+  """[n, v] bool: the columns a logit floor keeps, z >= floor or the target column.
+
+  Args:
+    z: [n, v] float32 tempered logits. targets: [n] int, column inside this tile.
+    floor: [n] float32 (-inf keeps every column).
+  """
+  col = lax.broadcasted_iota(jnp.int32, z.shape, 1)
+  return (z >= floor.reshape(-1, 1)) | (col == targets.reshape(-1, 1))
+
+
+def apply_floor(z, targets, floor):
+  """z [n, v] with the columns `floor_mask` drops set to NEG; z itself when floor is None."""
+  if floor is None:
+    return z
+  return jnp.where(floor_mask(z, targets, floor), z, NEG)
+
+
 def merge_stats(a, b):
   """Merges (lse, ent, tz) of two disjoint column ranges; an lse of -inf is the empty range.
 
@@ -90,18 +115,23 @@ def empty_stats(n):
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None):
+                          with_ent=True, out_dtype=None, floor=None):
   """Gradient with respect to the raw logits hidden @ weight of one [n, v] tile (pure jnp).
 
   Args:
     hidden: [n, D]. weight: [D, v]. targets: [n] int, column inside this tile.
     rows: `Rows` of [n] float32. with_lp / with_ent: include the log-prob / entropy term.
     out_dtype: dtype of the result (default: hidden's dtype, the dtype of the matmuls).
+    floor: None or [n] float32 logit floor (see `floor_mask`); dropped columns get 0.
 
   Returns:
     [n, v] gradient in out_dtype.
   """
-  z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [n, v]
+  x = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)  # [n, v]
+  if floor is None:
+    z = x / temperature
+  else:  # tempered exactly as `forward` does, so both passes keep the same columns
+    z = apply_floor(x * (1.0 / temperature), targets, floor)
   gz = grad_from_logits(z, targets, rows, with_lp=with_lp, with_ent=with_ent)
   return gz.astype(out_dtype or hidden.dtype)
 
@@ -124,13 +154,22 @@ def _pad_rows(x, n_pad, value=0):
   return jnp.pad(x, [(0, n_pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True,
+def _pad_floor(floor, n_pad, shape):
+  """The [N] floor padded with -inf and reshaped to `shape`; None stays None."""
+  if floor is None:
+    return None
+  return _pad_rows(floor.astype(jnp.float32), n_pad, -jnp.inf).reshape(shape)
+
+
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
             token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
   """(lse, ent, tz), each [N] float32, without materialising [N, V] logits.
 
   Args:
     hidden: [N, D]. weight: [D, V]. targets: [N] int column index (out of range: no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    floor: None or [N] float32 tempered-logit floor: the statistics are over the columns
+      `floor_mask` keeps (a row that keeps none gets lse = NEG).
     token_chunk, vocab_chunk: tile size; the live temporaries are a few [token_chunk,
       vocab_chunk] float32 arrays.
   """
@@ -139,19 +178,21 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True,
   nt = -(-n // bn)
   h = _pad_rows(hidden, nt * bn - n).reshape(nt, bn, d)  # [nt, bn, D]
   t = _pad_rows(targets.astype(jnp.int32), nt * bn - n, -1).reshape(nt, bn)
+  f = _pad_floor(floor, nt * bn - n, (nt, bn))
 
   def one_token_chunk(args):
-    h_c, t_c = args
+    h_c, t_c, f_c = args
     inv_t = 1.0 / temperature
 
     def tile(stats, col0, width):
       w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
       z = jnp.dot(h_c, w_c, preferred_element_type=jnp.float32) * inv_t  # [bn, width]
+      z = apply_floor(z, t_c - col0, f_c)
       return merge_stats(stats, tile_stats(z, t_c - col0, with_entropy=with_entropy))
 
     return _fold_vocab(tile, empty_stats(bn), weight.shape[1], vocab_chunk)
 
-  stats = lax.map(one_token_chunk, (h, t))  # 3 x [nt, bn]
+  stats = lax.map(one_token_chunk, (h, t, f))  # 3 x [nt, bn]
   return tuple(s.reshape(-1)[:n] for s in stats)
 
 
@@ -165,10 +206,11 @@ def _fold_vocab(step, carry, v, vocab_chunk):
   return carry
 
 
-GradFn = Callable[..., jax.Array]  # (hidden [n, D], weight [D, v], targets [n], rows) -> [n, v]
+# (hidden [n, D], weight [D, v], targets [n], rows[, floor=[n]]) -> [n, v]
+GradFn = Callable[..., jax.Array]
 
 
-def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, need_dh=True,
+def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, floor=None, need_dh=True,
              need_dw=True, dh_dtype=None, dw_dtype=None, token_chunk=TOKEN_CHUNK,
              vocab_chunk=VOCAB_CHUNK):
   """dhidden [N, D] and dweight [D, V] (None where not needed), recomputing logits per tile.
@@ -178,8 +220,9 @@ def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, need_dh=Tr
   accumulate in float32 (dhidden across vocab chunks, dweight across token chunks).
 
   Args:
-    grad_fn: tile gradient, called as grad_fn(h [n, D], w [D, v], targets [n], rows).
-    hidden, weight, targets: as in `forward`. rows: `Rows` of [N] float32.
+    grad_fn: tile gradient, called as grad_fn(h [n, D], w [D, v], targets [n], rows), with
+      floor=[n] added when there is a floor.
+    hidden, weight, targets, floor: as in `forward`. rows: `Rows` of [N] float32.
     need_dh, need_dw: which gradients to compute.
     dh_dtype, dw_dtype: result dtypes (default: the input's).
     token_chunk, vocab_chunk: tile size.
@@ -192,14 +235,16 @@ def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, need_dh=Tr
   h = _pad_rows(hidden, pad).reshape(nt, bn, d)  # [nt, bn, D]
   t = _pad_rows(targets.astype(jnp.int32), pad, -1).reshape(nt, bn)
   r = Rows(*(_pad_rows(x, pad).reshape(nt, bn) for x in rows))  # padded rows: coef 0
+  f = _pad_floor(floor, pad, (nt, bn))
 
   def vocab_step(carry, col0, width):
     dh, dw = carry
     w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
 
     def token_step(dw_c, xs):
-      h_t, t_t, r_t = xs
-      gz = grad_fn(h_t, w_c, t_t - col0, r_t)  # [bn, width]
+      h_t, t_t, r_t, f_t = xs
+      floor_kw = {} if f_t is None else dict(floor=f_t)
+      gz = grad_fn(h_t, w_c, t_t - col0, r_t, **floor_kw)  # [bn, width]
       dh_t = None
       if need_dh:  # [bn, D]
         dh_t = lax.dot_general(gz, w_c, (((1,), (1,)), ((), ())),
@@ -210,7 +255,7 @@ def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, need_dh=Tr
       return dw_c, dh_t
 
     dw_c0 = jnp.zeros((d, width), jnp.float32) if need_dw else None
-    dw_c, dh_parts = lax.scan(token_step, dw_c0, (h, t, r))
+    dw_c, dh_parts = lax.scan(token_step, dw_c0, (h, t, r, f))
     if need_dh:
       dh = dh + dh_parts
     if need_dw:
