@@ -177,6 +177,17 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: Rules = DEFAULT_RULES):
     _ACTIVE_RULES.reset(token)
 
 
+@contextlib.contextmanager
+def use_rules(rules: Rules):
+  """Switch the active rules table (what `constrain` reads) without entering a mesh: e.g. inside a traced
+  function already under `use_mesh`, to run one part of it (generation) in another layout."""
+  token = _ACTIVE_RULES.set(rules)
+  try:
+    yield rules
+  finally:
+    _ACTIVE_RULES.reset(token)
+
+
 def active_rules() -> Rules | None:
   """The rules table of the enclosing `use_mesh`, or None outside one."""
   return _ACTIVE_RULES.get()
@@ -268,6 +279,13 @@ def process_rows(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int) -> list
     return None
   spans = batch_sharding(mesh, 1, rules, batch_size).addressable_devices_indices_map((batch_size,)).values()
   return sorted({row for (span,) in spans for row in range(*span.indices(batch_size))})
+
+
+def local_batch_shards(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int) -> int:
+  """How many distinct slices of a [batch_size, ...] batch this process's devices hold (packed rows are made a
+  multiple of it, so they split evenly over the batch axes)."""
+  spans = batch_sharding(mesh, 1, rules, batch_size).addressable_devices_indices_map((batch_size,)).values()
+  return len({span.indices(batch_size) for (span,) in spans})
 
 
 def global_array(local: np.ndarray, sharding: NamedSharding, global_shape: tuple[int, ...]) -> jax.Array:

@@ -48,6 +48,26 @@ def cache_mask_info(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax
 LayerCache = dict[str, jax.Array]
 
 
+def cache_axes() -> tuple[str, str, str, str]:
+  """Logical names of a KV cache [B, S, K, H]. Its rows are "cache_batch" where the active rules name it
+  (the decode layout, `jaxalign.rollout.decode_layout`, splits the cache's rows apart from the
+  activations' to spread it over devices its K heads cannot use), else "batch" like every activation."""
+  rules = sharding.active_rules()
+  rows = "cache_batch" if rules is not None and "cache_batch" in dict(rules) else "batch"
+  return (rows, "seq", "kv_heads", "head_dim")
+
+
+def _write(cache: jax.Array, entries: jax.Array, index: jax.Array, layer: jax.Array | None,
+           names: tuple[str, ...]) -> jax.Array:
+  """cache [B, S, K, H] (or [L, B, S, K, H] with `layer`) with entries [B, T, K, H] at slots
+  [index, index + T) (of that layer), constrained to the cache's logical `names`."""
+  entries = entries.astype(cache.dtype)
+  if layer is None:
+    return sharding.constrain(jax.lax.dynamic_update_slice(cache, entries, (0, index, 0, 0)), names)
+  updated = jax.lax.dynamic_update_slice(cache, entries[None], (layer, 0, index, 0, 0))
+  return sharding.constrain(updated, (None, *names))
+
+
 class Attention(nnx.Module):
   """Multi-head attention with K <= N key/value heads, RoPE, optional qkv bias, q/k RMSNorm and logit soft-cap."""
 
@@ -71,34 +91,56 @@ class Attention(nnx.Module):
     return self._attend(*self._qkv(x, cos, sin), mask, window)
 
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo, cache: LayerCache,
-             index: jax.Array, window=None) -> tuple[LayerCache, jax.Array]:
+             index: jax.Array, window=None, layer: jax.Array | None = None) -> tuple[LayerCache, jax.Array]:
     """Cached attention: write this call's keys/values at cache slots [index, index + T), then attend.
 
     x [B, T, D], rotary tables [B, T, H], mask over the S cache slots (`cache_mask_info`),
     cache {"k", "v"} [B, S, K, H], index [] int32. Returns (new_cache, out [B, T, D]).
+    layer: with every layer's cache stacked {"k", "v"} [L, B, S, K, H] (scan_layers), this layer's
+    index: only the new entries are written into the stack (in place) and the layer's slice is read.
     """
-    q, key, value = self._qkv(x, cos, sin)
-    start = (0, index, 0, 0)
-    key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start)  # [B, S, K, H]
-    value = jax.lax.dynamic_update_slice(cache["v"], value.astype(cache["v"].dtype), start)  # [B, S, K, H]
-    names = ("batch", "seq", "kv_heads", "head_dim")
-    new_cache = {"k": sharding.constrain(key, names), "v": sharding.constrain(value, names)}
-    return new_cache, self._attend(q, new_cache["k"], new_cache["v"], mask, window)
+    names = cache_axes()
+    # In a decode layout (rows of the cache named apart) attention runs in the cache's layout: the
+    # queries and the output [B, T, N, H] move between it and the heads' layout, never the cache.
+    layout = names if names[0] != "batch" else None
+    q, key, value = self._qkv(x, cos, sin, pin_projections=layout is not None)
+    new_cache = {name: _write(cache[name], entries, index, layer, names)
+                 for name, entries in (("k", key), ("v", value))}
+    if layer is not None:
+      key, value = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False) for name in "kv")
+    else:
+      key, value = new_cache["k"], new_cache["v"]
+    if layout is not None:
+      q = sharding.constrain(q, layout)
+    return new_cache, self._attend(q, key, value, mask, window, layout)
 
-  def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rotated queries [B, T, N, H], rotated keys [B, T, K, H] and values [B, T, K, H]."""
+  def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+           pin_projections: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rotated queries [B, T, N, H], rotated keys [B, T, K, H] and values [B, T, K, H].
+
+    pin_projections (the decode layout): constrain the projections [B, T, N*H], [B, T, K*H] to their
+    weights' output layout, so each comes from the local weight shard, then keys and values to whole
+    heads [B, T, K, H]: a K that the devices do not divide is then gathered (a few KB), where XLA would
+    otherwise gather the weight, or split the cache on the head dim and gather it every step.
+    """
     b, t, _ = x.shape
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    q = self.q_proj(x).reshape(b, t, n, h)  # [B, T, N, H]
-    key = self.k_proj(x).reshape(b, t, k, h)  # [B, T, K, H]
-    value = self.v_proj(x).reshape(b, t, k, h)  # [B, T, K, H]
+    q, key, value = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, N*H], [B, T, K*H] x 2
+    if pin_projections:
+      q = sharding.constrain(q, ("batch", "seq", "q_heads"))
+      key, value = (sharding.constrain(y, ("batch", "seq", "kv_heads")) for y in (key, value))
+    q, key, value = q.reshape(b, t, n, h), key.reshape(b, t, k, h), value.reshape(b, t, k, h)
+    if pin_projections:
+      key, value = (sharding.constrain(y, ("batch", "seq", "kv_heads", "head_dim")) for y in (key, value))
     if self.q_norm is not None:
       q, key = self.q_norm(q), self.k_norm(key)
     q, key = apply_rotary(q, cos, sin), apply_rotary(key, cos, sin)
     return sharding.constrain(q, ("batch", "seq", "q_heads", "head_dim")), key, value
 
-  def _attend(self, q: jax.Array, key: jax.Array, value: jax.Array, mask: MaskInfo, window) -> jax.Array:
-    """q [B, T, N, H], key/value [B, S, K, H] -> [B, T, D]."""
+  def _attend(self, q: jax.Array, key: jax.Array, value: jax.Array, mask: MaskInfo, window,
+              layout: tuple[str, ...] | None = None) -> jax.Array:
+    """q [B, T, N, H], key/value [B, S, K, H] -> [B, T, D]. layout: logical names the attention output
+    [B, T, N, H] is pinned to before it moves to the heads' layout of o_proj (a decode layout's cache names)."""
     b, t, n, h = q.shape
     self_attention = mask.k_positions is None  # the same arrays for q and k: the kernels can take it
     # A kernel asked for by name serves the training-shaped calls it supports; cached decoding and a
@@ -110,5 +152,7 @@ class Attention(nnx.Module):
                     k_segment_ids=mask.q_segment_ids if self_attention else mask.k_segment_ids,
                     window=window, softcap=self.softcap,
                     impl=self.impl if kernel_fits or self.impl in ("naive", "xla") else "auto")
+    if layout is not None:
+      out = sharding.constrain(out, layout)
     out = sharding.constrain(out, ("batch", "seq", "q_heads", "head_dim"))  # [B, T, N, H]
     return self.o_proj(out.reshape(b, t, n * h))  # [B, T, D]

@@ -8,7 +8,8 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.models import layer_stack
-from jaxalign.models.attention import Attention, LayerCache, MaskInfo, cache_mask_info, sequence_mask_info
+from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_axes, cache_mask_info,
+                                      sequence_mask_info)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Dense, Embed, RMSNorm
 from jaxalign.models.rope import inverse_frequencies, rotary_tables
@@ -46,9 +47,10 @@ class Block(nnx.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
-  def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None) -> tuple[LayerCache, jax.Array]:
-    """The block with a KV cache (see `Attention.decode`). Returns (new_cache, x [B, T, D])."""
-    cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window)
+  def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None,
+             layer=None) -> tuple[LayerCache, jax.Array]:
+    """The block with a KV cache (see `Attention.decode`, also for `layer`). Returns (new_cache, x [B, T, D])."""
+    cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window, layer)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return cache, sharding.constrain(x, ("batch", "seq", "act_embed"))
@@ -79,7 +81,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` (S) tokens; dtype defaults to cfg.dtype."""
   dtype = cfg.compute_dtype if dtype is None else dtype
   kv = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_size), dtype)  # [B, S, K, H]
-  kv = sharding.constrain(kv, ("batch", "seq", "kv_heads", "head_dim"))
+  kv = sharding.constrain(kv, cache_axes())
   return {
     "index": jnp.zeros((), jnp.int32),
     "positions": jnp.zeros((batch, max_len), jnp.int32),
@@ -132,8 +134,8 @@ class Decoder(nnx.Module):
                                          cache["layers"], index)
     new_cache = {
       "index": index + input_ids.shape[1],
-      "positions": sharding.constrain(k_positions, ("batch", "seq")),
-      "valid": sharding.constrain(k_valid, ("batch", "seq")),
+      "positions": sharding.constrain(k_positions, cache_axes()[:2]),
+      "valid": sharding.constrain(k_valid, cache_axes()[:2]),
       "layers": layer_caches,
     }
     return new_cache, self.norm(x)

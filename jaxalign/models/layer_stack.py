@@ -117,12 +117,12 @@ def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, cac
   static_window, windows = _windows(cfg)
 
   def body(carry, layer):
-    x, caches = carry
+    x, caches = carry  # {"k", "v"} [L, B, S, K, H]
     i, params_i, *window_i = layer
-    layer_cache = jax.tree.map(lambda c: c[i], caches)  # {"k", "v"} [B, S, K, H]
     block = nnx.merge(graphdef, params_i)
-    layer_cache, x = block.decode(x, cos, sin, mask, layer_cache, index, window_i[0] if window_i else static_window)
-    caches = jax.tree.map(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, i, 0), caches, layer_cache)
+    # Layer i writes only its new entries into the stack and reads its own slice: slicing the layer's
+    # [B, S, K, H] out and writing all of it back made XLA copy the whole stacked cache every step.
+    caches, x = block.decode(x, cos, sin, mask, caches, index, window_i[0] if window_i else static_window, layer=i)
     return (x, caches), None
 
   layers_xs = (jnp.arange(cfg.num_layers), params) + (() if windows is None else (windows,))

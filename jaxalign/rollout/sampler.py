@@ -1,6 +1,7 @@
 """Jitted sampling with a KV cache: prefill the left-padded prompts, then decode in a `lax.while_loop`.
 
-Shape letters: B rows, P prompt length, N new tokens, V vocab, D width.
+Shape letters: B rows (B prompts x G samples each with `group_size`), P prompt length, N new tokens,
+S = P + N - 1 cache slots, V vocab, D width, L layers, K kv heads, H head dim.
 
 `generate` is a pure function of (model, prompts, key, static config): call it inside `jax.jit` /
 `nnx.jit` with the model's params traced (and sharded, under `jaxalign.sharding.use_mesh`).
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import sharding
+from jaxalign.models.attention import cache_axes
 from jaxalign.models.decoder import default_positions
 
 
@@ -38,6 +40,9 @@ class SamplingConfig:
   eos_token_id: int | tuple[int, ...] = 2
   # Written in place of tokens after a row's EOS.
   pad_token_id: int = 0
+  # Log-probs under the distribution sampled from (softmax over the top-k/top-p kept set of the tempered
+  # logits); False: under the full tempered distribution softmax(logits / T).
+  renormalize: bool = True
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -63,12 +68,20 @@ class SamplingConfig:
 class Rollout(NamedTuple):
   """Sampled completions of a batch of prompts."""
 
-  prompt_ids: jax.Array  # [B, P] int32, left-padded (as given)
+  prompt_ids: jax.Array  # [B, P] int32, left-padded (as given; repeated G times with group_size = G)
   prompt_mask: jax.Array  # [B, P] int32
   tokens: jax.Array  # [B, N] int32 completion tokens (pad_token_id after EOS)
   mask: jax.Array  # [B, N] int32: 1 for generated tokens up to and including the first EOS
-  logprobs: jax.Array  # [B, N] float32 log-prob under softmax(logits / T) (T = 1 when greedy); 0 off mask
+  # [B, N] float32 log-prob under the distribution sampled from, softmax over the kept set
+  # {z / T >= logit_floor} of the tempered logits (T = 1 when greedy); 0 off mask. With
+  # `SamplingConfig.renormalize=False` (or nothing truncated) under the full softmax(logits / T).
+  logprobs: jax.Array
   finished: jax.Array  # [B] bool: the row emitted EOS within N tokens
+  # [B, N] float32: the smallest tempered logit z / T kept by top-k / top-p when each token was sampled;
+  # -inf off the mask and where nothing was truncated. The training path passes it to
+  # `jaxalign.ops.token_logprobs(..., logit_floor=...)` to renormalise over the same set, so importance
+  # ratios compare the policy that generated the tokens.
+  logit_floor: jax.Array
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -95,24 +108,40 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def sample_token(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-  """One token per row from float32 logits [B, V], and its log-prob under softmax(logits / T).
+def _kept_floor(filtered: jax.Array) -> jax.Array:
+  """The smallest kept (finite) entry per row of filtered logits [B, V] -> [B] (+inf if none is)."""
+  return jnp.min(jnp.where(jnp.isfinite(filtered), filtered, jnp.inf), axis=-1)
 
-  Top-k then top-p restrict what is sampled (after the temperature, as in HF), but the returned
-  log-prob is under the full tempered distribution, the one the training path recomputes.
-  Returns (tokens [B] int32, logprobs [B] float32).
+
+def _logp_of(logits: jax.Array, token: jax.Array) -> jax.Array:
+  """log softmax(logits [B, V]) at token [B] -> [B] float32."""
+  return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+
+
+def sample_token(logits: jax.Array, key: jax.Array,
+                 cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One token per row from float32 logits [B, V], its log-prob, and the floor of the set sampled from.
+
+  Top-k then top-p restrict what is sampled (after the temperature, as in HF). With cfg.renormalize the
+  log-prob is under that truncated distribution, z_t / T - logsumexp over {z / T >= floor} of z / T,
+  where the floor is the smallest kept tempered logit; otherwise (or when nothing is truncated: greedy,
+  top_k = 0 and top_p = 1) it is under the full softmax(z / T) (T = 1 when greedy) and the floor is -inf.
+  Returns (tokens [B] int32, logprobs [B] float32, floor [B] float32).
   """
   logits = logits.astype(jnp.float32)
+  no_floor = jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
   if cfg.greedy:
-    scaled = logits
     token = jnp.argmax(logits, axis=-1)
-  else:
-    scaled = logits / cfg.temperature
-    filtered = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
-    token = jax.random.categorical(key, filtered, axis=-1)
-  logps = jax.nn.log_softmax(scaled, axis=-1)  # [B, V]
-  logp = jnp.take_along_axis(logps, token[:, None], axis=-1)[:, 0]
-  return token.astype(jnp.int32), logp
+    return token.astype(jnp.int32), _logp_of(logits, token), no_floor
+  scaled = logits / cfg.temperature
+  filtered = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
+  token = jax.random.categorical(key, filtered, axis=-1)
+  truncates = 0 < cfg.top_k < logits.shape[-1] or cfg.top_p < 1.0
+  if not (cfg.renormalize and truncates):
+    return token.astype(jnp.int32), _logp_of(scaled, token), no_floor
+  floor = _kept_floor(filtered)  # the finite entries of `filtered` are exactly {scaled >= floor}
+  kept = jnp.where(scaled >= floor[:, None], scaled, -jnp.inf)
+  return token.astype(jnp.int32), _logp_of(kept, token), floor
 
 
 class _Out(NamedTuple):
@@ -121,12 +150,13 @@ class _Out(NamedTuple):
   tokens: jax.Array  # [B, N]
   mask: jax.Array  # [B, N]
   logprobs: jax.Array  # [B, N]
+  floor: jax.Array  # [B, N]
   done: jax.Array  # [B]
 
 
 def _emit(out: _Out, logits: jax.Array, i: jax.Array, key: jax.Array, cfg: SamplingConfig) -> _Out:
   """Sample completion token i of every row from logits [B, V]; rows already done write padding."""
-  token, logp = sample_token(logits, key, cfg)
+  token, logp, floor = sample_token(logits, key, cfg)
   live = ~out.done
   token = jnp.where(live, token, cfg.pad_token_id)
   is_eos = jnp.isin(token, jnp.asarray(cfg.eos_ids, jnp.int32))
@@ -134,36 +164,75 @@ def _emit(out: _Out, logits: jax.Array, i: jax.Array, key: jax.Array, cfg: Sampl
     tokens=out.tokens.at[:, i].set(token),
     mask=out.mask.at[:, i].set(live.astype(jnp.int32)),
     logprobs=out.logprobs.at[:, i].set(jnp.where(live, logp, 0.0)),
+    floor=out.floor.at[:, i].set(jnp.where(live, floor, -jnp.inf)),
     done=out.done | (live & is_eos),
   )
 
 
-def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
-             cfg: SamplingConfig) -> Rollout:
-  """Sample up to N = cfg.max_new_tokens tokens per left-padded prompt, with a KV cache.
+def _grouped_cache(model, prefill: dict, group_size: int, max_len: int) -> dict:
+  """The cache of the B*G sampled rows (S = max_len slots) from the prefill cache of the B prompts (P slots).
 
-  model: a `jaxalign.models.CausalLM`. prompt_ids, prompt_mask [B, P] (left-padded; every row needs
-  at least one real token). key: a PRNG key (unused when greedy). Positions are cumsum(mask) - 1 in
-  the prompt and continue +1 per generated token. The loop stops early once every row has emitted
-  EOS. Returns a `Rollout`.
+  Row b*G + j holds prompt b's slots [0, P) (every layer's k/v, positions, valid) and empty slots [P, S).
+  Memory: the [B*G, S] cache is allocated once (batch-sharded, by `init_cache`) and the repeated prompt
+  entries are written into it, so the only other cache alive is the prompt-sized [B, P] prefill one (a
+  prefill into [B, S] that is then repeated would hold a second S-slot cache next to the [B*G, S] one).
   """
+  grouped = model.init_cache(prefill["positions"].shape[0] * group_size, max_len)
+  stacked = isinstance(prefill["layers"], dict)  # scan_layers: one {"k", "v"} [L, B, P, K, H]
+  kv_names = (None,) * stacked + cache_axes()  # rows: "batch" (or a decode layout's "cache_batch")
+
+  def fill(empty, entries, names, rows_axis=0):
+    entries = jnp.repeat(entries, group_size, axis=rows_axis).astype(empty.dtype)
+    return sharding.constrain(jax.lax.dynamic_update_slice(empty, entries, (0,) * empty.ndim), names)
+
+  return {
+    "index": prefill["index"],
+    "positions": fill(grouped["positions"], prefill["positions"], ("batch", "seq")),
+    "valid": fill(grouped["valid"], prefill["valid"], ("batch", "seq")),
+    "layers": jax.tree.map(lambda empty, entries: fill(empty, entries, kv_names, int(stacked)), grouped["layers"],
+                           prefill["layers"]),
+  }
+
+
+def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
+             cfg: SamplingConfig, *, group_size: int = 1) -> Rollout:
+  """Sample up to N = cfg.max_new_tokens tokens for each of G = group_size rows per prompt, with a KV cache.
+
+  model: a `jaxalign.models.CausalLM`. prompt_ids, prompt_mask [B, P]: B distinct prompts (left-padded;
+  every row needs at least one real token). key: a PRNG key (unused when greedy). group_size (static):
+  each prompt is prefilled once and its cache repeated to G rows; row b*G + j of the result is sample j
+  of prompt b (the order of `jnp.repeat(prompt_ids, G, axis=0)`), the same rollout as sampling the
+  repeated prompts with group_size=1 and the same key. Positions are cumsum(mask) - 1 in the prompt and
+  continue +1 per generated token. The loop stops early once every row has emitted EOS.
+  Returns a `Rollout` of B*G rows (prompt_ids / prompt_mask repeated to [B*G, P]).
+  """
+  if int(group_size) != group_size or group_size < 1:
+    raise ValueError(f"group_size={group_size!r} must be an integer >= 1")
   b, p = prompt_ids.shape
-  n = cfg.max_new_tokens
+  g, n = int(group_size), cfg.max_new_tokens
   prompt_ids, prompt_mask = prompt_ids.astype(jnp.int32), prompt_mask.astype(jnp.int32)
   step_keys = jax.random.split(key, n)
-  # Prefill: the whole prompt in one call; token 0 is sampled from the last (always real) slot.
-  cache = model.init_cache(b, p + n - 1)
-  cache, hidden = model.decode(prompt_ids, default_positions(prompt_mask), cache, segment_ids=prompt_mask)
-  first_position = jnp.sum(prompt_mask, axis=1)  # [B] position of completion token 0
 
   def row_sharded(x):
     return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
-  out = _Out(tokens=row_sharded(jnp.full((b, n), cfg.pad_token_id, jnp.int32)),
-             mask=row_sharded(jnp.zeros((b, n), jnp.int32)),
-             logprobs=row_sharded(jnp.zeros((b, n), jnp.float32)),
-             done=row_sharded(jnp.zeros((b,), bool)))
-  out = _emit(out, model.logits(hidden[:, -1]), 0, step_keys[0], cfg)
+  # Prefill: each distinct prompt once, whole, into a prompt-sized cache that is then repeated into the
+  # rows' S-slot cache (see `_grouped_cache`). Token 0 is sampled from the last (always real) slot: G
+  # independent draws per prompt from the same logits.
+  cache, hidden = model.decode(prompt_ids, default_positions(prompt_mask), model.init_cache(b, p),
+                               segment_ids=prompt_mask)
+  cache = _grouped_cache(model, cache, g, p + n - 1)
+  first_logits = jnp.repeat(model.logits(hidden[:, -1]), g, axis=0)  # [B*G, V]
+  prompt_ids, prompt_mask = (row_sharded(jnp.repeat(x, g, axis=0)) for x in (prompt_ids, prompt_mask))
+  first_position = jnp.sum(prompt_mask, axis=1)  # [B*G] position of completion token 0
+
+  rows = b * g
+  out = _Out(tokens=row_sharded(jnp.full((rows, n), cfg.pad_token_id, jnp.int32)),
+             mask=row_sharded(jnp.zeros((rows, n), jnp.int32)),
+             logprobs=row_sharded(jnp.zeros((rows, n), jnp.float32)),
+             floor=row_sharded(jnp.full((rows, n), -jnp.inf, jnp.float32)),
+             done=row_sharded(jnp.zeros((rows,), bool)))
+  out = _emit(out, first_logits, 0, step_keys[0], cfg)
 
   def keep_going(carry):
     i, _, out = carry
@@ -171,17 +240,17 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Arra
 
   def step(carry):
     i, cache, out = carry
-    previous = jax.lax.dynamic_slice_in_dim(out.tokens, i - 1, 1, axis=1)  # [B, 1]
-    positions = (first_position + i - 1)[:, None]  # [B, 1]
+    previous = jax.lax.dynamic_slice_in_dim(out.tokens, i - 1, 1, axis=1)  # [B*G, 1]
+    positions = (first_position + i - 1)[:, None]  # [B*G, 1]
     cache, hidden = model.decode(previous, positions, cache)
     out = _emit(out, model.logits(hidden[:, 0]), i, step_keys[i], cfg)
     return i + 1, cache, jax.tree.map(row_sharded, out)
 
   _, _, out = jax.lax.while_loop(keep_going, step, (jnp.int32(1), cache, out))
-  return Rollout(prompt_ids, prompt_mask, out.tokens, out.mask, out.logprobs, out.done)
+  return Rollout(prompt_ids, prompt_mask, out.tokens, out.mask, out.logprobs, out.done, out.floor)
 
 
-_generate_jit = nnx.jit(generate, static_argnames="cfg")
+_generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

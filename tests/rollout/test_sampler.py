@@ -1,5 +1,7 @@
-"""KV-cache sampler: greedy equals full recompute, log-probs equal the training path, filters, EOS, mesh."""
+"""KV-cache sampler: greedy equals full recompute, log-probs equal the training path, filters, EOS, mesh,
+shared prefill of a group of samples, log-probs renormalised over the kept set (the logit floor)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +17,7 @@ from jaxalign.models import CausalLM, tiny
 from jaxalign.rollout import SamplingConfig, generate, left_pad, sample_token, top_k_filter, top_p_filter
 
 V = 50
-generate_jit = nnx.jit(generate, static_argnames="cfg")
+generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))
 NEVER = -1  # an EOS id no sampled token can equal
 
 
@@ -95,19 +97,21 @@ def training_path_logps(model, rollout, temperature):
   return logps
 
 
-@pytest.mark.parametrize("family,temperature,top_k,top_p", [
-  ("llama", 1.0, 0, 1.0), ("qwen2", 0.7, 0, 1.0), ("gemma", 0.7, 10, 0.9)])
-def test_sampled_logprobs_equal_training_path(family, temperature, top_k, top_p):
+@pytest.mark.parametrize("family,temperature,top_k,top_p,renormalize", [
+  ("llama", 1.0, 0, 1.0, True), ("qwen2", 0.7, 0, 1.0, True), ("gemma", 0.7, 10, 0.9, False)])
+def test_sampled_logprobs_equal_training_path(family, temperature, top_k, top_p, renormalize):
+  """Untruncated, or truncated but not renormalised: the full tempered distribution the training path computes."""
   model = CausalLM(tiny(family, vocab_size=V), rngs=nnx.Rngs(1))
   ids, mask = prompts((4, 9, 2, 6), seed=1)
   cfg = SamplingConfig(max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_token_id=(3, 7, 11, 19))
+                       eos_token_id=(3, 7, 11, 19), renormalize=renormalize)
   rollout = generate_jit(model, ids, mask, jax.random.key(2), cfg)
   expected = training_path_logps(model, rollout, temperature)
   on = rollout.mask == 1
   np.testing.assert_allclose(np.where(on, rollout.logprobs, 0.0), np.where(on, expected, 0.0), atol=1e-4)
   assert np.all(np.asarray(rollout.logprobs)[~np.asarray(on)] == 0.0)
   assert np.all(np.asarray(rollout.logprobs)[np.asarray(on)] < 0.0)
+  assert np.all(np.asarray(rollout.logit_floor) == -np.inf)
 
 
 def test_bfloat16_model_samples_with_a_bf16_cache_near_the_training_path():
@@ -125,9 +129,15 @@ def test_top_k_one_equals_greedy():
   ids, mask = prompts()
   greedy = generate_jit(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=6, temperature=0.0))
   top1 = generate_jit(model, ids, mask, jax.random.key(5), SamplingConfig(max_new_tokens=6, top_k=1))
-  np.testing.assert_array_equal(top1.tokens, greedy.tokens)
-  np.testing.assert_array_equal(top1.mask, greedy.mask)
-  np.testing.assert_allclose(top1.logprobs, greedy.logprobs, atol=1e-6)  # both at T = 1
+  full = generate_jit(model, ids, mask, jax.random.key(5),
+                      SamplingConfig(max_new_tokens=6, top_k=1, renormalize=False))
+  for rollout in (top1, full):
+    np.testing.assert_array_equal(rollout.tokens, greedy.tokens)
+    np.testing.assert_array_equal(rollout.mask, greedy.mask)
+  np.testing.assert_allclose(full.logprobs, greedy.logprobs, atol=1e-6)  # both at T = 1
+  np.testing.assert_array_equal(top1.logprobs, 0.0)  # the one kept token has probability 1
+  on = np.asarray(top1.mask) == 1
+  assert np.isfinite(np.asarray(top1.logit_floor)[on]).all() and (np.asarray(top1.logit_floor)[~on] == -np.inf).all()
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -156,12 +166,17 @@ def test_top_k_filter_keeps_the_k_largest():
 def test_sample_token_frequencies_follow_the_filtered_tempered_softmax():
   logits = jnp.tile(jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.1]])), (20000, 1))
   cfg = SamplingConfig(temperature=0.5, top_k=3)
-  token, logp = jax.jit(sample_token, static_argnames="cfg")(logits, jax.random.key(0), cfg)
+  sample = jax.jit(sample_token, static_argnames="cfg")
+  token, logp, floor = sample(logits, jax.random.key(0), cfg)
   tempered = np.array([0.5, 0.25, 0.15, 0.1]) ** 2
   filtered = np.where(np.arange(4) < 3, tempered, 0) / tempered[:3].sum()
   np.testing.assert_allclose(np.bincount(np.asarray(token), minlength=4) / 20000, filtered, atol=0.01)
-  expected_logp = np.log(tempered / tempered.sum())[np.asarray(token)]  # unfiltered tempered log-prob
-  np.testing.assert_allclose(logp, expected_logp, rtol=1e-5)
+  np.testing.assert_allclose(logp, np.log(filtered[:3])[np.asarray(token)], rtol=1e-5)  # the distribution sampled from
+  np.testing.assert_allclose(floor, np.log(0.15) / 0.5, rtol=1e-6)  # the third largest tempered logit
+  full_token, full_logp, full_floor = sample(logits, jax.random.key(0), dataclasses.replace(cfg, renormalize=False))
+  np.testing.assert_array_equal(full_token, token)
+  np.testing.assert_allclose(full_logp, np.log(tempered / tempered.sum())[np.asarray(token)], rtol=1e-5)
+  np.testing.assert_array_equal(full_floor, -np.inf)
 
 
 def test_eos_stops_each_row_masks_it_and_pads_after():
@@ -196,7 +211,8 @@ def test_every_row_stopping_at_the_first_token_ends_the_loop():
   assert bool(rollout.finished.all())
 
 
-def test_generate_on_a_mesh_equals_one_device():
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_generate_on_a_mesh_equals_one_device(group_size):
   cfg = tiny("llama", vocab_size=64)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   graphdef, params = nnx.split(sharding.create_sharded(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)), mesh))
@@ -206,13 +222,13 @@ def test_generate_on_a_mesh_equals_one_device():
 
   @jax.jit
   def run(params, ids, mask, key):
-    return generate(nnx.merge(graphdef, params), ids, mask, key, sampling)
+    return generate(nnx.merge(graphdef, params), ids, mask, key, sampling, group_size=group_size)
 
   single = run(local, ids, mask, jax.random.key(0))
   with sharding.use_mesh(mesh):
     batch = jax.device_put((ids, mask), sharding.batch_sharding(mesh, 2))
     sharded = run(params, *batch, jax.random.key(0))
-  assert len(sharded.tokens.sharding.device_set) == 8
+  assert len(sharded.tokens.sharding.device_set) == 8 and sharded.tokens.shape == (4 * group_size, 6)
   assert params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...].sharding.spec == P("fsdp", "tensor")
   np.testing.assert_array_equal(sharded.tokens, single.tokens)
   np.testing.assert_array_equal(sharded.mask, single.mask)
@@ -229,3 +245,129 @@ def test_sampling_config_errors_name_the_field():
   with pytest.raises(ValueError, match="top_k"):
     SamplingConfig(top_k=-1)
   assert SamplingConfig(eos_token_id=[1, 2]).eos_ids == (1, 2)
+
+
+def log_softmax64(z, kept=None):
+  """float64 log softmax of z [..., V] over the entries where `kept` (default: all)."""
+  z = np.where(np.ones_like(z, bool) if kept is None else kept, z, -np.inf)
+  top = z.max(-1, keepdims=True)
+  return z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("scan_layers,temperature,top_k,top_p", [
+  (False, 0.7, 5, 0.8), (True, 0.7, 5, 0.8), (True, 1.0, 0, 1.0)])
+def test_shared_prefill_equals_sampling_the_repeated_prompts(scan_layers, temperature, top_k, top_p):
+  model = CausalLM(tiny("llama", vocab_size=V, scan_layers=scan_layers), rngs=nnx.Rngs(2))
+  ids, mask = prompts((3, 7, 5), seed=5)
+  g, key = 4, jax.random.key(11)
+  cfg = SamplingConfig(max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=(3, 7, 11))
+  grouped = jax.device_get(generate_jit(model, ids, mask, key, cfg, group_size=g))
+  repeated = jax.device_get(generate_jit(model, np.repeat(ids, g, 0), np.repeat(mask, g, 0), key, cfg))
+  np.testing.assert_array_equal(grouped.prompt_ids, np.repeat(ids, g, 0))
+  np.testing.assert_array_equal(grouped.prompt_mask, np.repeat(mask, g, 0))
+  for name in ("tokens", "mask", "finished"):
+    np.testing.assert_array_equal(getattr(grouped, name), getattr(repeated, name), err_msg=name)
+  np.testing.assert_allclose(grouped.logprobs, repeated.logprobs, atol=1e-6)
+  np.testing.assert_allclose(grouped.logit_floor, repeated.logit_floor, atol=1e-6)  # -inf in the same places
+  assert grouped.tokens.shape == (3 * g, 8) and 0 < grouped.mask.sum() < grouped.mask.size  # some rows stop early
+  first = grouped.tokens[:, 0].reshape(3, g)
+  assert any(len(set(row)) > 1 for row in first)  # the G first tokens are drawn independently
+
+
+def dot_operand_shapes(fn, *args) -> list[tuple[int, ...]]:
+  """Shapes of the operands of every dot_general in fn's jaxpr, nested jaxprs (jit, scan, while) included."""
+  shapes = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        shapes.extend(tuple(v.aval.shape) for v in eqn.invars)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return shapes
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_prefill_runs_once_per_distinct_prompt(scan_layers):
+  model = CausalLM(tiny("llama", vocab_size=V, scan_layers=scan_layers), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  ids, mask = prompts((3, 7, 5))  # B = 3 prompts, P = 7
+  b, p, g = 3, 7, 4
+  cfg = SamplingConfig(max_new_tokens=4, top_k=5)  # decode steps see [B*G, 1] queries and S = 10 keys
+
+  def shapes(ids, mask, group_size):
+    def run(params, ids, mask):
+      return generate(nnx.merge(graphdef, params), ids, mask, jax.random.key(0), cfg, group_size=group_size)
+
+    return dot_operand_shapes(run, params, ids, mask)
+
+  def prefill_rows(shapes):
+    """The row counts of the [rows, P, ...] dot operands: only the prefill has P query slots."""
+    return {s[0] for s in shapes if len(s) >= 3 and s[1] == p}
+
+  assert prefill_rows(shapes(ids, mask, g)) == {b}
+  assert prefill_rows(shapes(np.repeat(ids, g, 0), np.repeat(mask, g, 0), 1)) == {b * g}  # the check can fail
+
+
+def test_renormalised_logprobs_match_a_float64_recompute_over_the_kept_set():
+  model = CausalLM(tiny("qwen2", vocab_size=V), rngs=nnx.Rngs(5))
+  ids, mask = prompts((4, 9, 2, 6), seed=4)
+  t, n, key = 0.7, 8, jax.random.key(3)
+  cfg = SamplingConfig(max_new_tokens=n, temperature=t, top_k=5, top_p=0.8, eos_token_id=(3, 7))
+  rollout = jax.device_get(generate_jit(model, ids, mask, key, cfg))
+  full = jax.device_get(generate_jit(model, ids, mask, key, dataclasses.replace(cfg, renormalize=False)))
+  np.testing.assert_array_equal(full.tokens, rollout.tokens)  # renormalize changes log-probs, not samples
+  np.testing.assert_array_equal(full.mask, rollout.mask)
+
+  p, on = ids.shape[1], rollout.mask == 1
+  logits = full_forward(model, np.concatenate([ids, rollout.tokens], 1), np.concatenate([mask, rollout.mask], 1))
+  z = np.asarray(logits, np.float64)[:, p - 1:-1] / t  # [B, N, V] tempered logits predicting completion token j
+  floor = rollout.logit_floor.astype(np.float64)
+  assert np.isfinite(floor[on]).all() and (floor[~on] == -np.inf).all()
+  assert (full.logit_floor == -np.inf).all()
+  kept = z >= floor[..., None] - 1e-5  # the set sampled from (1e-5: cached vs recomputed logits)
+  assert (kept.sum(-1)[on] <= 5).all() and (kept.sum(-1)[on] >= 1).all()
+  assert (kept.sum(-1)[on] < 5).any()  # top_p (not only top_k) sets some floors
+  token_z = np.take_along_axis(z, rollout.tokens[..., None], -1)[..., 0]
+  assert (token_z[on] >= floor[on] - 1e-5).all()  # every sampled token is in its kept set
+  tokens = rollout.tokens[..., None]
+  expected = np.take_along_axis(log_softmax64(z, kept), tokens, -1)[..., 0]
+  expected_full = np.take_along_axis(log_softmax64(z), tokens, -1)[..., 0]
+  np.testing.assert_allclose(rollout.logprobs[on], expected[on], atol=1e-5)
+  np.testing.assert_allclose(full.logprobs[on], expected_full[on], atol=1e-5)
+  assert (rollout.logprobs[on] >= full.logprobs[on]).all()  # renormalising over fewer tokens raises each
+  assert (rollout.logprobs[on] > full.logprobs[on] + 0.1).any()  # ... by the truncated mass
+
+
+def test_logit_floor_is_minus_inf_exactly_when_nothing_is_truncated():
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (6, V))
+  sample = jax.jit(sample_token, static_argnames="cfg")
+  untruncated = [SamplingConfig(temperature=0.7), SamplingConfig(temperature=0.7, top_k=V),
+                 SamplingConfig(temperature=0.0, top_k=5, top_p=0.5),
+                 SamplingConfig(temperature=0.7, top_k=5, top_p=0.5, renormalize=False)]
+  for cfg in untruncated:
+    token, logp, floor = sample(logits, jax.random.key(1), cfg)
+    np.testing.assert_array_equal(floor, -np.inf)
+    full = log_softmax64(np.asarray(logits, np.float64) / (cfg.temperature or 1.0))
+    np.testing.assert_allclose(logp, full[np.arange(6), np.asarray(token)], atol=1e-5)
+  cfg = SamplingConfig(temperature=0.7, top_k=5, top_p=0.5)
+  token, logp, floor = sample(logits, jax.random.key(1), cfg)
+  # z / T as XLA computes it (x * (1 / T) on CPU: NumPy's x / T differs in the last bit now and then).
+  scaled, filtered = jax.device_get(jax.jit(lambda z: (z / 0.7, top_p_filter(top_k_filter(z / 0.7, 5), 0.5)))(logits))
+  assert (np.isfinite(filtered).sum(-1) < 5).any()  # top_p truncates further than top_k somewhere
+  np.testing.assert_array_equal(scaled >= np.asarray(floor)[:, None], np.isfinite(filtered))  # the same set
+  np.testing.assert_allclose(logp, log_softmax64(scaled, np.isfinite(filtered))[np.arange(6), np.asarray(token)],
+                             atol=1e-5)
+
+
+def test_group_size_must_be_a_positive_integer():
+  model = CausalLM(tiny("llama", vocab_size=V), rngs=nnx.Rngs(0))
+  ids, mask = prompts()
+  for bad in (0, 1.5):
+    with pytest.raises(ValueError, match="group_size"):
+      generate(model, ids, mask, jax.random.key(0), SamplingConfig(), group_size=bad)
