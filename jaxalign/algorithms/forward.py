@@ -2,10 +2,12 @@
 
 Log-probs always come from final hidden states and the LM head through `ops.token_logprobs`, so no
 training path materialises [tokens, vocab] logits (DESIGN.md principle 3). Shape letters: R rows
-(batch x responses), T positions, D width.
+(batch x responses, or packed rows), T positions, D width, E... a batch's examples ([B, C] or [B]).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +26,12 @@ def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "auto",
-                return_entropy: bool = False):
+                return_entropy: bool = False, logit_floor: jax.Array | None = None):
   """Per-token log-probs [R, T-1] of the batch's responses (0 off the mask), and the mask [R, T-1].
 
-  With return_entropy, also the predictive entropy [R, T-1] at every position.
+  With return_entropy, also the predictive entropy [R, T-1] at every position. `logit_floor` [R, T-1]
+  renormalises each position over the tokens whose tempered logit reaches it (what a top-k / top-p sampler
+  drew from; -inf: the full distribution), see `ops.token_logprobs`.
   """
   targets, mask = loss_targets(batch)
   hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])[:, :-1]  # [R, T-1, D]
@@ -35,8 +39,9 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "au
   # The head in the compute dtype, like every other weight: a float32-master policy and its compute-dtype
   # frozen reference then give identical log-probs at identical weights.
   weight = model.head_weight().astype(hidden.dtype)
-  out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1),
-                           temperature=temperature, return_entropy=return_entropy, impl=impl)
+  floor = None if logit_floor is None else logit_floor.reshape(-1)
+  out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1), temperature=temperature,
+                           logit_floor=floor, return_entropy=return_entropy, impl=impl)
   if return_entropy:
     logps, entropy = out
     return logps.reshape(r, t), mask, entropy.reshape(r, t)
@@ -47,6 +52,46 @@ def sequence_logps(model, batch: dict, **kwargs) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs S [R] and response token counts n [R] (>= 1)."""
   logps, mask = token_logps(model, batch, **kwargs)
   return jnp.sum(logps * mask, axis=-1), jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def packing_index(batch: dict, prefix: str = "") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Where each sequence of a batch lies: its row [E...] and segment [E...] (E... the batch's examples, [B, C]
+  or [B]) and the segment ids [R, T] they refer to.
+
+  A packed batch carries them (`pack_row`, `pack_segment`: several sequences per row). A padded batch is the
+  case of one sequence per row: row r of the [R, T] view, all of its tokens in segment 1.
+  """
+  seg = batch[prefix + "segment_ids"]
+  if prefix + "pack_row" in batch:
+    return batch[prefix + "pack_row"], batch[prefix + "pack_segment"], seg
+  shape = seg.shape[:-1]
+  row = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+  return row, jnp.ones(shape, jnp.int32), (seg.reshape(-1, seg.shape[-1]) != 0).astype(jnp.int32)
+
+
+def sequence_sums(values: jax.Array, mask: jax.Array, batch: dict, prefix: str = "") -> tuple[jax.Array, jax.Array]:
+  """Per-sequence sums of values * mask and of mask [E...], from padded or packed rows alike.
+
+  values, mask [R, W] over the batch's [R, T] row view: tokens (W = T) or next-token targets (W = T - 1,
+  aligned with tokens 1..T-1); each counts toward the segment of the token it is aligned with. A segment sum
+  per (row, segment) [R, T + 1], read at each sequence's (row, segment) (`packing_index`).
+  """
+  row, segment, seg = packing_index(batch, prefix)
+  num_segments = seg.shape[1] + 1  # ids 0 (padding) .. at most T
+  dtype = jnp.promote_types(values.dtype, jnp.float32)
+  both = jnp.stack([values.astype(dtype) * mask.astype(dtype), mask.astype(dtype)], -1)  # [R, W, 2]
+  per_row = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=num_segments))
+  sums = per_row(both, seg[:, seg.shape[1] - values.shape[1]:])  # [R, T + 1, 2]
+  picked = sums[row, segment]  # [E..., 2]
+  return picked[..., 0], picked[..., 1]
+
+
+def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.Array, jax.Array]:
+  """Summed response log-probs S [E...] and response token counts n [E...] (>= 1) of every sequence of a
+  padded or packed batch (E... its examples: [B, C] for pairs and lists, [B] for single responses)."""
+  logps, mask = token_logps(model, rows(batch, prefix), **kwargs)
+  s, n = sequence_sums(logps, mask, batch, prefix)
+  return s, jnp.maximum(n, 1.0)
 
 
 def rows(batch: dict, prefix: str = "") -> dict:

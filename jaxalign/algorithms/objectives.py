@@ -6,6 +6,10 @@ step-level denominators from the whole accumulated batch [A, B, ...] before any 
 
 Families: SFT (TokenBatch), the direct pairwise losses (PairStats), listwise (ListStats), unpaired
 (UnpairedStats: KTO, NPO) and reward models (RewardPair / RewardList on a scalar head).
+
+Pairs and lists come padded ([B, C, T], one sequence per row) or packed ([N, T] rows holding several sequences,
+`pack_row` / `pack_segment` [B, C] saying where each is); both go through `forward.sequence_sums`, so the
+statistics and step counts are the same for either layout.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import losses
-from jaxalign.algorithms.forward import frozen, loss_targets, rows, sequence_logps, token_logps
-from jaxalign.models.decoder import last_token_values
+from jaxalign.algorithms.forward import example_logps, frozen, loss_targets, rows, sequence_sums, token_logps
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -59,9 +62,15 @@ def eval_metrics(stats) -> dict:
 
 
 def _response_counts(batch: dict) -> jax.Array:
-  """Loss tokens per response row of a stacked batch, shaped like its leading axes ([A, B] or [A, B, C])."""
-  flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "loss_mask", "segment_ids")}
-  return jnp.sum(loss_targets(flat)[1], -1).reshape(batch["input_ids"].shape[:-1])
+  """Loss tokens per response of a stacked batch [A, ...], shaped like its examples ([A, B] or [A, B, C]); a
+  packed SFT row counts as one response."""
+  keys = ("input_ids", "loss_mask", "segment_ids", "pack_row", "pack_segment")
+
+  def count(micro):
+    mask = loss_targets(rows(micro))[1]
+    return sequence_sums(mask, mask, micro)[1]
+
+  return jax.vmap(count)({k: batch[k] for k in keys if k in batch})
 
 
 # ---------------------------------------------------------------------------------------------- SFT
@@ -82,9 +91,9 @@ def sft_counts(batch):
 
 
 def _policy_and_reference(policy, reference, batch, prefix="", **op):
-  flat = rows(batch, prefix)
-  s, n = sequence_logps(policy, flat, **op)
-  s_ref = frozen(sequence_logps, reference, flat, **op)[0] if reference is not None else None
+  """Summed log-probs and token counts of every sequence [E...] (padded or packed), and the reference's."""
+  s, n = example_logps(policy, batch, prefix, **op)
+  s_ref = frozen(example_logps, reference, batch, prefix, **op)[0] if reference is not None else None
   return s, n, s_ref
 
 
@@ -110,8 +119,9 @@ def list_stats(policy, reference, batch, **op):
 
 
 def _examples(batch) -> int:
-  """Examples (pairs, lists, completions) in a stacked batch [A, B, ...]."""
-  return batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
+  """Examples (pairs, lists, completions) in a stacked batch [A, B, ...] (packed: `pack_row` [A, B, C])."""
+  shape = batch.get("pack_row", batch["input_ids"]).shape
+  return shape[0] * shape[1]
 
 
 def list_counts(batch):
@@ -134,9 +144,12 @@ def unpaired_counts(batch):
 
 
 def _rewards(model, batch):
+  """The scalar head at each sequence's last token [E...] (padded or packed)."""
   flat = rows(batch)
   values = model(flat["input_ids"], segment_ids=flat["segment_ids"])  # [R, T]
-  return last_token_values(values, flat["segment_ids"] != 0).reshape(batch["input_ids"].shape[:-1])
+  seg = flat["segment_ids"]
+  last = (seg != 0) & (seg != jnp.pad(seg[:, 1:], ((0, 0), (0, 1))))  # [R, T] the last token of its segment
+  return sequence_sums(values, last, batch)[0]
 
 
 def reward_pair_stats(model, reference, batch, **op):

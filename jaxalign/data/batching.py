@@ -5,6 +5,9 @@ Every batch holds `input_ids`, `loss_mask` (1 on response tokens) and `segment_i
 [B, C, T] for preference pairs (C=2: chosen, rejected) and ranked lists; `scores` [B, C] for ranked
 lists; unpaired (KTO) batches add `label` [B] and the mismatched `kl_*` rows (prompt i with the
 response of example i+1, OBJECTIVES.md §9.11).
+
+Packed pairs and lists (`collate_packed`) keep B examples but put their B*C sequences into N <= B*C rows
+[N, T], with `pack_row` / `pack_segment` [B, C] saying where each (example, response) landed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxalign.data.tokenize import Encoded
+
+ROW_KEYS = ("input_ids", "loss_mask", "segment_ids")
+# A packing group's row count is a multiple of ceil(sequences / PACK_STEPS): at most this many row counts
+# (compiled shapes) per length bucket.
+PACK_STEPS = 8
 
 
 def default_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
@@ -121,3 +129,93 @@ def pack_rows(examples: Sequence[Encoded], num_rows: int, length: int,
     packed.append(pieces)
     used = i
   return _stack_rows([_row(pieces, length) for pieces in _take(packed, rows)]), used
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+  """Bins of item indices, each summing to <= capacity: items longest first (ties in order), each into the
+  first bin it fits, in the order they went in."""
+  bins, room = [], []
+  for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+    fits = next((b for b, r in enumerate(room) if lengths[i] <= r), len(bins))
+    if fits == len(bins):
+      bins.append([])
+      room.append(capacity)
+    bins[fits].append(i)
+    room[fits] -= lengths[i]
+  return bins
+
+
+def packed_row_count(needed: int, sequences: int, multiple: int = 1) -> int:
+  """Rows a packing group of `sequences` sequences gets when first-fit-decreasing needs `needed`: rounded up
+  to a step of ceil(sequences / PACK_STEPS) rows, itself a multiple of `multiple` (the batch shards per
+  process, so rows shard evenly). Never below `needed`; at most one step above the padded layout's rows."""
+  step = -(-max(-(-sequences // PACK_STEPS), 1) // multiple) * multiple
+  return max(-(-needed // step), 1) * step
+
+
+def pack_group(batch_size: int, rows: Sequence[int] | None) -> tuple[int, int]:
+  """(groups, this process's group): each process packs its own block of examples into its own rows, so no
+  process needs another's. One group in a single-process job."""
+  if rows is None:
+    return 1, 0
+  n = len(rows)
+  if batch_size % n or rows[0] % n or list(rows) != list(range(rows[0], rows[0] + n)):
+    raise ValueError(f"data.packing needs each process to hold one contiguous block of the batch; this one holds "
+                     f"rows {list(rows)} of {batch_size}")
+  return batch_size // n, rows[0] // n
+
+
+def collate_packed(examples: Sequence[Encoded], buckets: Sequence[int], rows: Sequence[int] | None = None,
+                   multiple: int = 1) -> dict[str, np.ndarray]:
+  """Preference pairs and ranked lists, packed: the B*C (prompt, response) sequences first-fit-decreasing
+  into N rows of the length T the padded layout would use (`collate_multi`), so N <= B*C (plus rounding).
+
+  Returns `input_ids` / `loss_mask` / `segment_ids` [N, T] (segments 1, 2, ... in each row, 0 padding at
+  the end, empty rows last), `pack_row` / `pack_segment` [B, C] int32 (row of the global batch's packed rows
+  and segment id of response c of example b), and `scores` / `ref_logps` [B, C] as `collate_multi`.
+
+  Row count: each process's block of examples (`pack_group`) is packed apart; every block gets the rows the
+  fullest needs, rounded by `packed_row_count`, so N = groups * rows per group is the same on every process
+  and takes few values. Block g holds packed rows [g * N_g, (g + 1) * N_g); a process builds only its own.
+  """
+  length = bucket_length(max(e.length for e in examples), buckets)
+  groups, mine = pack_group(len(examples), rows)
+  size, per_example = len(examples) // groups, len(examples[0].responses)
+  if any(len(e.responses) != per_example for e in examples):
+    raise ValueError("packed lists need the same number of responses in every example")
+  blocks = [examples[g * size:(g + 1) * size] for g in range(groups)]
+  bins = [first_fit_decreasing([len(e.prompt) + len(r) for e in block for r in e.responses], length)
+          for block in blocks]
+  n_rows = packed_row_count(max(len(b) for b in bins), size * per_example, multiple)
+  local = blocks[mine]
+  pack_row = np.zeros((len(local), per_example), np.int32)
+  pack_segment = np.zeros((len(local), per_example), np.int32)
+  packed = []
+  for r, members in enumerate(bins[mine] + [[]] * (n_rows - len(bins[mine]))):
+    pieces = []
+    for s, i in enumerate(members, 1):
+      b, c = divmod(i, per_example)
+      pack_row[b, c], pack_segment[b, c] = mine * n_rows + r, s
+      pieces.append((local[b].prompt, local[b].responses[c]))
+    packed.append(_row(pieces, length))
+  batch = {**_stack_rows(packed), "pack_row": pack_row, "pack_segment": pack_segment}
+  if local[0].scores:
+    batch["scores"] = np.asarray([e.scores for e in local], np.float32)
+  if local[0].ref_logps:
+    batch["ref_logps"] = np.asarray([e.ref_logps for e in local], np.float32)
+  return batch
+
+
+def equal_packed_rows(batches: list[dict]) -> list[dict]:
+  """Packed micro-batches given the same row count (the most any has), so they stack: empty rows appended to
+  each (a process holds one packing group, so its rows end its block) and `pack_row` re-based. Batches
+  without `pack_row` are returned as they are."""
+  if "pack_row" not in batches[0]:
+    return batches
+  n = max(b["input_ids"].shape[0] for b in batches)
+  out = []
+  for b in batches:
+    have = b["input_ids"].shape[0]
+    padded = {k: np.pad(b[k], [(0, n - have), (0, 0)]) for k in ROW_KEYS}
+    out.append({**b, **padded, "pack_row": (b["pack_row"] // have * n + b["pack_row"] % have).astype(np.int32)})
+  return out

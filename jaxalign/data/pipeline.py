@@ -15,6 +15,7 @@ from jaxalign.data.readers import DataError, read_records
 from jaxalign.data.tokenize import Encoded, encode_example
 
 log = logging.getLogger(__name__)
+PACKABLE = ("sft", "preference", "ranked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +36,11 @@ class DataConfig:
   max_prompt_length: int = 256
   # Padded lengths; empty = powers of two up to max_length.
   buckets: tuple[int, ...] = ()
-  # Pack several SFT examples per row (segment ids keep them apart).
+  # Pack several sequences per row (segment ids keep them apart). sft: batch_size rows, each filled with as
+  # many examples as fit; preference / ranked: batch_size examples whose B*C (prompt + response) sequences
+  # share as few rows as hold them (`batching.collate_packed`).
   packing: bool = False
-  # Examples (or packed rows) per micro-batch; the optimiser step sees batch_size * grad_accum.
+  # Examples (sft packing: packed rows) per micro-batch; the optimiser step sees batch_size * grad_accum.
   batch_size: int = 16
   shuffle: bool = True
   # Keep at most this many examples per split (0 = all).
@@ -50,8 +53,8 @@ class DataConfig:
       raise ValueError("data.train lists no data")
     if self.max_prompt_length >= self.max_length:
       raise ValueError("data.max_prompt_length must be smaller than data.max_length")
-    if self.packing and self.format != "sft":
-      raise ValueError("data.packing applies to the sft format only")
+    if self.packing and self.format not in PACKABLE:
+      raise ValueError(f"data.packing applies to the sft, preference and ranked formats, not {self.format}")
     if self.batch_size < 1 or self.max_prompt_length < 1 or self.limit < 0 or min(self.synthetic_size) < 1:
       raise ValueError("data.batch_size, data.max_prompt_length and data.synthetic_size must be >= 1, "
                        "data.limit >= 0")
@@ -68,7 +71,8 @@ class Batches:
 
   `state()` / `restore()` give the position (epoch, index) for checkpoints, so a resumed run sees
   exactly the batches an uninterrupted one would have. `rows` (set by a multi-process trainer) selects the
-  rows of each global batch this process builds; every process walks the same order.
+  rows of each global batch this process builds; every process walks the same order. `pack_multiple` (set by
+  a trainer to the batch shards per process) makes packed pair / list row counts divide evenly over them.
   """
 
   def __init__(self, examples: list[Encoded], cfg: DataConfig, seed: int, *, shuffle: bool | None = None,
@@ -77,6 +81,7 @@ class Batches:
       raise DataError(f"{where}: only {len(examples)} usable examples for data.batch_size={cfg.batch_size}")
     self.examples, self.cfg, self.seed = examples, cfg, seed
     self.rows: list[int] | None = None
+    self.pack_multiple = 1
     self.shuffle = cfg.shuffle if shuffle is None else shuffle
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
@@ -98,12 +103,16 @@ class Batches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     cfg = self.cfg
-    if self.index + (1 if cfg.packing else cfg.batch_size) > len(self._order):
+    packs_examples = cfg.packing and cfg.format == "sft"  # a variable number of examples per batch
+    if self.index + (1 if packs_examples else cfg.batch_size) > len(self._order):
       self.epoch, self.index = self.epoch + 1, 0
       self._order = self._permutation(self.epoch)
     chosen = [self.examples[i] for i in self._order[self.index:]]
-    if cfg.packing:
+    if packs_examples:
       batch, used = batching.pack_rows(chosen, cfg.batch_size, cfg.max_length, self.rows)
+    elif cfg.packing:  # pairs / lists: batch_size examples, their sequences packed
+      chosen, used = chosen[:cfg.batch_size], cfg.batch_size
+      batch = batching.collate_packed(chosen, cfg.bucket_lengths, self.rows, self.pack_multiple)
     else:
       chosen, used = chosen[:cfg.batch_size], cfg.batch_size
       collate = {"sft": batching.collate_single, "prompt": batching.collate_prompts,
