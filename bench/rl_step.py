@@ -1,18 +1,21 @@
 """GRPO step: decode tokens/s against the memory-bound floor, and the generate / score / update split.
 
   python bench/rl_step.py                                            # tiny model, CPU
-  python bench/rl_step.py --peer-python /path/to/trl-venv/bin/python   # + TRL GRPOTrainer, same model/shape
+  python bench/rl_step.py --peer-python /path/to/trl-venv/bin/python   # + HF generate and TRL GRPOTrainer
   python bench/rl_step.py --preset 1b --dtype bfloat16 --prompts 8 --group 8 --new-tokens 256   # GPU anchor
 
 Decode floor: each decode step must read the weights and the KV cache once, so
 floor = new_tokens * (weight bytes + KV-cache bytes) / measured memory bandwidth (a large copy on this device).
-The split times `generate` alone, the scoring (reward + old/reference log-prob passes) alone, and the whole
-jitted step; the update is the remainder.
+The split times `generate` alone (one prefill per prompt, `rl.group_size` samples each), the scoring (reward +
+old/reference log-prob passes) alone, and the whole jitted step; the update is the remainder. With a peer
+python (a venv with torch, transformers and trl), the same model saved in HF format also runs Hugging Face
+`generate` on the same rows and new tokens, and TRL's GRPOTrainer on the same step shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -32,7 +35,6 @@ from jaxalign import sharding  # noqa: E402
 from jaxalign.algorithms import online  # noqa: E402
 from jaxalign.config import TrainConfig, from_dict  # noqa: E402
 from jaxalign.models import save_hf  # noqa: E402
-from jaxalign.rollout import generate  # noqa: E402
 from jaxalign.trainer import build_run  # noqa: E402
 
 
@@ -69,19 +71,16 @@ def main():
 
   with tempfile.TemporaryDirectory() as tmp:
     cfg, run = build(args, tmp)
-    of = online.OnlineFns(run.fns, online.ALGORITHMS["grpo"], cfg.rl, cfg.rl.sampling(run.tokenizer), None, True)
-    prompts = run.next_batch()
-    ids = jnp.repeat(prompts["prompt_ids"], args.group, axis=0)
-    mask = jnp.repeat(prompts["prompt_mask"], args.group, axis=0)
-    policy_of = lambda state: run.fns.policy(state.trainable, run.frozen)
     # decode never stops early here: EOS is set to an id the model cannot produce
-    sampling = cfg.rl.sampling(run.tokenizer).__class__(**{**cfg.rl.sampling(run.tokenizer).__dict__,
-                                                           "eos_token_id": -1})
-    gen = jax.jit(lambda state, key: generate(policy_of(state), ids, mask, key, sampling))
+    sampling = dataclasses.replace(cfg.rl.sampling(run.tokenizer), eos_token_id=-1)
+    of = online.OnlineFns(run.fns, online.ALGORITHMS["grpo"], cfg.rl, sampling, None, True)
+    prompts = run.next_batch()
+    policy_of = lambda state: run.fns.policy(state.trainable, run.frozen)
+    gen = jax.jit(lambda state, key: of.generate(policy_of(state), prompts, key, args.group))
     rollout = gen(run.state, jax.random.PRNGKey(0))
-    rows = online.rollout_rows(rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
-    score = jax.jit(lambda state: (of.completion_logps(policy_of(state), rows)[0],
-                                   of.completion_logps(run.fns.reference(run.frozen), rows)[0]))
+    rows = online.rollout_rows(rollout)
+    score = jax.jit(lambda state: (of.completion_logps(policy_of(state), rows, None)[0],
+                                   of.completion_logps(run.fns.reference(run.frozen), rows, None)[0]))
     step = jax.jit(run.train_fn)
     with sharding.use_mesh(run.mesh):
       t_gen = time_call(gen, run.state, jax.random.PRNGKey(1), repeats=args.repeats)
@@ -98,12 +97,12 @@ def main():
     host = float(metrics["reward/host_seconds"])
     mcfg = run.model_config
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state.trainable))
-    seq = ids.shape[1] + args.new_tokens
-    kv_bytes = 2 * mcfg.num_layers * ids.shape[0] * seq * mcfg.num_kv_heads * mcfg.head_size * \
-        jnp.dtype(mcfg.dtype).itemsize
+    num_rows, prompt_length = rollout.prompt_ids.shape
+    kv_bytes = 2 * mcfg.num_layers * num_rows * (prompt_length + args.new_tokens) * mcfg.num_kv_heads * \
+        mcfg.head_size * jnp.dtype(mcfg.dtype).itemsize
     bandwidth = memory_bandwidth(args.repeats)
     floor = args.new_tokens * (weight_bytes + kv_bytes) / bandwidth
-    tokens = ids.shape[0] * args.new_tokens
+    tokens = num_rows * args.new_tokens
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}, model {args.preset} "
           f"{mcfg.num_params() / 1e6:.1f}M {args.dtype}; {args.prompts} prompts x {args.group} samples x "
@@ -118,16 +117,23 @@ def main():
     print(f"| step: update (remainder) | {update * 1e3:.1f} ms ({update / t_step:.0%}) |")
     print(f"| step total | {t_step * 1e3:.1f} ms |")
     if args.peer_python:
-      save_hf(nnx.merge(run.fns.graphdef, run.state.trainable), mcfg, pathlib.Path(tmp) / "model",
-              tokenizer=run.tokenizer)
-      script = pathlib.Path(__file__).parent / "peers" / "trl_grpo.py"
-      out = subprocess.run([args.peer_python, str(script), str(pathlib.Path(tmp) / "model"), str(args.prompts),
-                            str(args.group), str(args.new_tokens), str(args.repeats)], capture_output=True, text=True)
-      if out.returncode:
-        raise SystemExit(f"peer failed:\n{out.stderr[-3000:]}")
-      peer = json.loads(out.stdout.strip().splitlines()[-1])
-      print(f"| TRL {peer['version']} GRPOTrainer step | {peer['seconds'] * 1e3:.1f} ms "
-            f"(jaxalign {peer['seconds'] / t_step:.2f}x faster) |")
+      model_dir = pathlib.Path(tmp) / "model"
+      save_hf(nnx.merge(run.fns.graphdef, run.state.trainable), mcfg, model_dir, tokenizer=run.tokenizer)
+      hf = peer(args.peer_python, "hf_generate.py", model_dir, num_rows, prompt_length, args.new_tokens, args.repeats)
+      print(f"| HF transformers {hf['version']} generate, same rows | {hf['seconds'] * 1e3:.1f} ms = "
+            f"{tokens / hf['seconds']:,.0f} tokens/s (jaxalign decode {hf['seconds'] / t_gen:.2f}x faster) |")
+      trl = peer(args.peer_python, "trl_grpo.py", model_dir, args.prompts, args.group, args.new_tokens, args.repeats)
+      print(f"| TRL {trl['version']} GRPOTrainer step | {trl['seconds'] * 1e3:.1f} ms "
+            f"(jaxalign {trl['seconds'] / t_step:.2f}x faster) |")
+
+
+def peer(python: str, script: str, *args) -> dict:
+  """Run bench/peers/<script> with the peer's python; its last stdout line is JSON."""
+  path = pathlib.Path(__file__).parent / "peers" / script
+  out = subprocess.run([python, str(path), *map(str, args)], capture_output=True, text=True)
+  if out.returncode:
+    raise SystemExit(f"peer {script} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -174,7 +174,12 @@ from jaxalign.data.pipeline import DataConfig  # noqa: E402
 from jaxalign.models.config import ModelConfig  # noqa: E402
 from jaxalign.sharding import MeshConfig  # noqa: E402
 
-ALGORITHMS = ("sft", "reward", "preference", *ONLINE_ALGORITHMS)
+OFFLINE_ALGORITHMS = ("sft", "reward", "preference")
+
+
+def algorithm_names() -> tuple[str, ...]:
+  """Every algorithm a config may name (online ones as registered now: a notebook may add one)."""
+  return (*OFFLINE_ALGORITHMS, *ONLINE_ALGORITHMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,8 +259,8 @@ class TrainConfig:
   logprob_impl: str = "auto"
 
   def __post_init__(self):
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"algorithm={self.algorithm!r}; choose one of {ALGORITHMS}")
+    if self.algorithm not in algorithm_names():
+      raise ValueError(f"algorithm={self.algorithm!r}; choose one of {algorithm_names()}")
     if self.steps < 1:
       raise ValueError("steps must be >= 1")
     if self.eval_every < 0 or self.eval_batches < 1:

@@ -116,7 +116,7 @@ def abstract_run(cfg: TrainConfig, mcfg, mesh):
     reward_cfg = model_config(dataclasses.replace(cfg, init_from=cfg.rl.reward_model))
     reward_graphdef, reward_params = _abstract_model(ScalarModel, reward_cfg, mesh, rules)
     frozen["reward_model"] = _frozen(reward_params, mcfg.compute_dtype)
-  if cfg.algorithm == "ppo":
+  if cfg.algorithm in online.ALGORITHMS and online.ALGORITHMS[cfg.algorithm].critic:
     if reward_graphdef is not None:
       critic_graphdef, value = reward_graphdef, reward_params
     else:

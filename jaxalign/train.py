@@ -18,7 +18,7 @@ import typing
 
 from jaxalign import losses
 from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS
-from jaxalign.config import ALGORITHMS, ConfigError, TrainConfig, apply_override, load_stages, load_yaml
+from jaxalign.config import ConfigError, algorithm_names, TrainConfig, apply_override, load_stages, load_yaml
 from jaxalign.data.readers import DataError
 
 DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "default.yaml"
@@ -55,7 +55,7 @@ or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM / Op
 
 def help_text() -> str:
   return "\n".join([
-    __doc__.strip(), "", STAGES_HELP, "", "algorithms: " + ", ".join(ALGORITHMS),
+    __doc__.strip(), "", STAGES_HELP, "", "algorithms: " + ", ".join(algorithm_names()),
     "losses (loss.name): " + ", ".join(losses.available()), "", "config keys (with defaults):",
     *_keys(TrainConfig)])
 

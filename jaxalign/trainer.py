@@ -102,7 +102,9 @@ def frozen_dtype(x, compute_dtype) -> jnp.dtype:
 
 
 def stack_micro_batches(batches: list[dict]) -> dict:
-  """[A, ...] arrays from A micro-batches, padding the token axis to their longest."""
+  """[A, ...] arrays from A micro-batches, padding the token axis to their longest (and packed pair / list
+  micro-batches to the same number of rows)."""
+  batches = batching.equal_packed_rows(batches)
   length = max(b["input_ids"].shape[-1] for b in batches)
 
   def pad(key, x):
@@ -123,11 +125,17 @@ def batch_shardings(batch: dict, mesh, rules, leading: int) -> dict:
 
 def put_batch(batch: dict, mesh, rules, leading: int, batch_size: int | None = None) -> dict:
   """A batch on the mesh in its `batch_shardings`. In a multi-process job `batch` holds only this process's
-  rows (`sharding.process_rows`) of a global batch of `batch_size` examples."""
-  def global_shape(x):
-    return x.shape if batch_size is None else x.shape[:leading] + (batch_size,) + x.shape[leading + 1:]
+  rows (`sharding.process_rows`) of a global batch of `batch_size` examples; packed pair / list rows are
+  split over the processes in equal blocks."""
+  def global_shape(key, x):
+    if batch_size is None:
+      return x.shape
+    size = batch_size
+    if "pack_row" in batch and key in batching.ROW_KEYS:
+      size = x.shape[leading] * batch_size // batch["pack_row"].shape[leading]
+    return x.shape[:leading] + (size,) + x.shape[leading + 1:]
 
-  shapes = {k: jax.ShapeDtypeStruct(global_shape(v), v.dtype) for k, v in batch.items()}
+  shapes = {k: jax.ShapeDtypeStruct(global_shape(k, v), v.dtype) for k, v in batch.items()}
   shardings = batch_shardings(shapes, mesh, rules, leading)
   return {k: sharding.global_array(v, shardings[k], shapes[k].shape) for k, v in batch.items()}
 
@@ -170,6 +178,11 @@ class Run:
   def online(self) -> bool:
     return self.cfg.algorithm in online.ALGORITHMS
 
+  def policy_params(self):
+    """The policy's trainable parameters (an online algorithm with a critic trains both)."""
+    trainable = self.state.trainable
+    return online.ALGORITHMS[self.cfg.algorithm].policy_params(trainable) if self.online else trainable
+
   def next_batch(self) -> dict:
     """The next training batch on the mesh: prompts (online) or [A, ...] stacked micro-batches."""
     size = self.cfg.data.batch_size
@@ -182,9 +195,9 @@ class Run:
 def objective_of(cfg: TrainConfig) -> Objective:
   """The Objective that `cfg.algorithm` (offline or online) trains."""
   if cfg.algorithm in online.ALGORITHMS:
-    spec = online.ALGORITHMS[cfg.algorithm]
-    uses_reference = online.needs_reference(spec, cfg.rl, loss_params(spec.loss, cfg.loss.params))
-    return Objective(spec.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
+    algorithm = online.ALGORITHMS[cfg.algorithm]
+    uses_reference = algorithm.uses_reference(cfg.rl, loss_params(algorithm.loss, cfg.loss.params))
+    return Objective(algorithm.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
   try:
     return objective_for(cfg.algorithm, cfg.loss.name)
   except KeyError as error:  # an unknown loss name
@@ -213,8 +226,13 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
   if objective.data_format != cfg.data.format:
     raise ConfigError(f"loss '{cfg.loss.name}' ({cfg.algorithm}) trains on data.format={objective.data_format}, "
                       f"but data.format={cfg.data.format}")
-  if cfg.algorithm == "ppo" and cfg.lora.enabled:
-    raise ConfigError("algorithm=ppo trains a critic beside the policy; lora is not supported with it")
+  if online_run:
+    try:
+      online.ALGORITHMS[cfg.algorithm].check(cfg.rl)
+    except ValueError as error:
+      raise ConfigError(f"algorithm={cfg.algorithm}: {error}") from None
+  if online_run and online.ALGORITHMS[cfg.algorithm].critic and cfg.lora.enabled:
+    raise ConfigError(f"algorithm={cfg.algorithm} trains a critic beside the policy; lora is not supported with it")
   if online_run and cfg.optim.grad_accum != 1:
     raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
   if cfg.model.attention_impl == "cudnn" and (cfg.data.packing or online_run):
@@ -245,17 +263,17 @@ def check_reader_tokenizer(path: str, tokenizer, vocab_size: int, policy_vocab: 
 
 
 def _attach_online(run: Run) -> None:
-  """Online algorithms: rewards (rules over each split's gold answers, a reward model), PPO's critic, and the
-  RL step / eval."""
+  """Online algorithms: rewards (rules over each split's gold answers, a reward model), a critic for the
+  algorithms that train one, and the RL step / eval."""
   cfg = run.cfg
+  algorithm = online.ALGORITHMS[cfg.algorithm]
   reward_graphdef = critic_graphdef = reward_params = None
   if cfg.rl.reward_model:
     reward_graphdef, reward_params = _scalar_model(cfg.rl.reward_model, cfg, run.mesh, run.tokenizer,
                                                    run.model_config.vocab_size)
-    # A copy only when PPO's critic trains from the originals (the step donates the trainable).
-    run.frozen["reward_model"] = frozen_copy(reward_params, run.model_config.compute_dtype,
-                                             copy=cfg.algorithm == "ppo")
-  if cfg.algorithm == "ppo":
+    # A copy only when a critic trains from the originals (the step donates the trainable).
+    run.frozen["reward_model"] = frozen_copy(reward_params, run.model_config.compute_dtype, copy=algorithm.critic)
+  if algorithm.critic:
     if reward_graphdef is not None:  # critic initialised from the reward model (its param_dtype weights)
       critic_graphdef, value = reward_graphdef, reward_params
     else:  # from the policy's backbone with a zero value head (created in its sharding; nothing else is built)
@@ -277,8 +295,9 @@ def _attach_online(run: Run) -> None:
 def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.OnlineFns:
   """The online step's static pieces; rule rewards look up the gold answers of `examples`."""
   reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards)
-  return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl, run.cfg.rl.sampling(run.tokenizer),
-                          reward, run.objective.uses_reference, critic_graphdef, reward_graphdef)
+  return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl,
+                          run.cfg.rl.sampling(run.tokenizer), reward, run.objective.uses_reference, critic_graphdef,
+                          reward_graphdef)
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -291,6 +310,8 @@ def build_run(cfg: TrainConfig) -> Run:
   check_vocab(tokenizer, mcfg.vocab_size, f"tokenizer {cfg.tokenizer or cfg.init_from or 'builtin:digits'}")
   train_data, eval_data = build_datasets(cfg.data, tokenizer, cfg.seed)[:2]
   train_data.rows = eval_data.rows = sharding.process_rows(mesh, cfg.mesh.rules, cfg.data.batch_size)
+  train_data.pack_multiple = eval_data.pack_multiple = sharding.local_batch_shards(mesh, cfg.mesh.rules,
+                                                                                  cfg.data.batch_size)
 
   key = jax.random.PRNGKey(cfg.seed)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
@@ -332,7 +353,7 @@ def evaluate(run: Run, eval_fn) -> dict[str, float]:
 
 
 def export(run: Run, path: pathlib.Path) -> pathlib.Path:
-  params = run.state.trainable["policy"] if run.cfg.algorithm == "ppo" else run.state.trainable
+  params = run.policy_params()
   if run.cfg.lora.enabled:  # merged in the master dtype (the base is held in the compute dtype)
     params = lora_lib.merge(run.frozen["base"], params, run.cfg.lora, dtype=run.model_config.weight_dtype)
   return save_hf(nnx.merge(run.fns.graphdef, params), run.model_config, path, tokenizer=run.tokenizer)

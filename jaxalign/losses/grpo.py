@@ -47,13 +47,16 @@ def _clip_metrics(ratio, adv, mask, eps_low, eps_high) -> dict[str, Array]:
 def grpo_loss(batch: TokenBatch, *, eps_low: float = 0.2, eps_high: float = 0.2,
               beta: float = 0.04, aggregation: str = "seq_mean_token_mean",
               max_len: Optional[int] = None, dual_clip: Optional[float] = None,
-              num_tokens: Optional[Array] = None,
+              kl_bias_correction: bool = False, num_tokens: Optional[Array] = None,
               num_sequences: Optional[Array] = None) -> tuple[Array, dict]:
   """GRPO, DeepSeekMath (arXiv:2402.03300) Eq. (3) with the k3 penalty of Eq. (4) (§6.1).
 
   l_{i,t} = -min(rho A_i, clip(rho, 1-eps_low, 1+eps_high) A_i) + beta * k3_{i,t};
   L = (1/N_seq) sum_i (1/|o_i|) sum_t m l_{i,t} under the default aggregation. Other aggregations
   (reductions.AGGREGATIONS) give BNPO/DAPO ("token_mean") and Dr. GRPO ("constant").
+
+  kl_bias_correction: the k3 term times the importance ratio rho (DeepSeek-V3.2, arXiv:2512.02556; TRL's
+  `use_bias_correction_kl`): an unbiased KL(pi_theta || pi_ref) estimate from samples of pi_old.
 
   Returns:
     (loss [], metrics: kl, clip_ratio/low_mean|high_mean|region_mean, completions/mean_length,
@@ -66,7 +69,8 @@ def grpo_loss(batch: TokenBatch, *, eps_low: float = 0.2, eps_high: float = 0.2,
   per_token, _ = clipped_surrogate(ratio, adv, eps_low=eps_low, eps_high=eps_high,
                                    dual_clip=dual_clip)
   if not _is_zero(beta):
-    per_token = per_token + beta * k3(batch.logps, require(batch.ref_logps, "ref_logps", "grpo"))
+    kl = k3(batch.logps, require(batch.ref_logps, "ref_logps", "grpo"))
+    per_token = per_token + beta * (kl * ratio if kl_bias_correction else kl)
   num, den = aggregate(per_token, mask, aggregation, max_len=max_len, num_tokens=num_tokens,
                        num_sequences=num_sequences)
   metrics = {**_kl_metrics(batch, mask), **_clip_metrics(ratio, adv, mask, eps_low, eps_high),
@@ -75,7 +79,7 @@ def grpo_loss(batch: TokenBatch, *, eps_low: float = 0.2, eps_high: float = 0.2,
 
 
 def dr_grpo_loss(batch: TokenBatch, *, max_len: int, eps_low: float = 0.2,
-                 eps_high: float = 0.2, beta: float = 0.0,
+                 eps_high: float = 0.2, beta: float = 0.0, kl_bias_correction: bool = False,
                  num_sequences: Optional[Array] = None) -> tuple[Array, dict]:
   """Dr. GRPO (arXiv:2503.20783; §6.2): sum_{i,t} m l_{i,t} / (N_seq * L_max).
 
@@ -83,19 +87,20 @@ def dr_grpo_loss(batch: TokenBatch, *, max_len: int, eps_low: float = 0.2,
   length (a constant, never the batch's longest completion).
   """
   return grpo_loss(batch, eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation="constant",
-                   max_len=max_len, num_sequences=num_sequences)
+                   max_len=max_len, kl_bias_correction=kl_bias_correction, num_sequences=num_sequences)
 
 
 def dapo_loss(batch: TokenBatch, *, eps_low: float = 0.2, eps_high: float = 0.28,
-              beta: float = 0.0, num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
+              beta: float = 0.0, kl_bias_correction: bool = False,
+              num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
   """DAPO (arXiv:2503.14476; §6.3): clip-higher (0.2 / 0.28), token-level mean, no KL term.
 
   Pass `num_tokens` = the token count of the whole optimiser step (TRL "dapo"); without it the
   local count is used (TRL "bnpo"). Dynamic sampling: `advantages.groups_with_signal`; overlong
   reward: `shaping.overlong_penalty`.
   """
-  return grpo_loss(batch, eps_low=eps_low, eps_high=eps_high, beta=beta,
-                   aggregation="token_mean", num_tokens=num_tokens)
+  return grpo_loss(batch, eps_low=eps_low, eps_high=eps_high, beta=beta, aggregation="token_mean",
+                   kl_bias_correction=kl_bias_correction, num_tokens=num_tokens)
 
 
 def gspo_loss(batch: TokenBatch, *, eps_low: float = 3e-4, eps_high: float = 4e-4,

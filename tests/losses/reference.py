@@ -241,13 +241,16 @@ def ppo(lp, mask, lp_old, adv, values=None, v_old=None, returns=None, entropy=No
 
 
 def grpo(lp, mask, lp_old, lp_ref, adv, eps_low=0.2, eps_high=0.2, beta=0.04,
-         aggregation="seq_mean_token_mean", max_len=None):
+         aggregation="seq_mean_token_mean", max_len=None, kl_bias_correction=False):
+  """kl_bias_correction: the k3 term times the ratio pi / pi_old (DeepSeek-V3.2 Eq. 7; TRL
+  use_bias_correction_kl)."""
   adv = per_token_adv(adv, lp.shape)
   per_token = np.zeros_like(lp)
   for b, t in np.ndindex(lp.shape):
     if mask[b, t] > 0:
-      per_token[b, t] = surrogate(math.exp(lp[b, t] - lp_old[b, t]), adv[b, t], eps_low, eps_high)
-      per_token[b, t] += beta * kl_token(lp[b, t], lp_ref[b, t], "k3")
+      ratio = math.exp(lp[b, t] - lp_old[b, t])
+      per_token[b, t] = surrogate(ratio, adv[b, t], eps_low, eps_high)
+      per_token[b, t] += beta * kl_token(lp[b, t], lp_ref[b, t], "k3") * (ratio if kl_bias_correction else 1.0)
   return aggregate(per_token, mask, aggregation, max_len)
 
 

@@ -1,6 +1,7 @@
 """Online RL end to end on the built-in "largest digit" task: every algorithm raises the held-out reward."""
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -148,3 +149,36 @@ def test_hh_pairs_read_as_prompts(data_dir):
   from jaxalign.data import parse_records, read_records
   examples, _ = parse_records(read_records(str(data_dir / "hh_rlhf/helpful-base/test.jsonl.gz")), "prompt")
   assert len(examples) == 2354 and all(e.prompt.endswith("\n\nAssistant:") and not e.responses for e in examples)
+
+
+def test_truncated_sampling_is_replayed_on_the_training_path(tmp_path):
+  """top-k / top-p: the old-policy log-probs equal the sampler's and the first update's ratio is 1.
+  With rl.renormalize_sampling=false both sides use the full distribution instead: the same samples then get
+  lower log-probs (the distribution they were drawn from is not the one trained)."""
+  rows = {}
+  for renormalize in (True, False):
+    cfg = rl_stage(tmp_path / str(renormalize), "grpo", steps=1, rl__top_k=5, rl__top_p=0.8, rl__temperature=1.5,
+                   rl__renormalize_sampling=renormalize)
+    train(cfg)
+    rows[renormalize] = train_rows(tmp_path / str(renormalize) / "run")[1]
+    assert rows[renormalize]["train/rollout/logprob_mismatch_max"] < 1e-5
+    # the first update's pi / pi_old: 1 up to float32 rounding (the old and the update pass fuse differently)
+    assert rows[renormalize]["train/ratio_deviation_max"] <= 2.0**-22
+  assert rows[True]["train/reward"] == rows[False]["train/reward"]  # the same samples
+  assert rows[True]["train/rollout/logprob_mean"] > rows[False]["train/rollout/logprob_mean"] + 0.01
+
+
+def test_the_readme_algorithm_is_one_class_and_one_registry_line(tmp_path, monkeypatch):
+  """The README's example of adding an online algorithm runs as written: its module's code plus one
+  ALGORITHMS entry, and nothing else, gives an algorithm the trainer, config and CLI accept."""
+  readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+  block = readme.split("# jaxalign/algorithms/online/mean_baseline.py\n", 1)[1].split("```", 1)[0]
+  module, registry = block.split("# jaxalign/algorithms/online/__init__.py, in ALGORITHMS\n")
+  namespace = {}
+  exec(module, namespace)
+  name, value = (part.strip().rstrip(",") for part in registry.split(":", 1))
+  monkeypatch.setitem(ALGORITHMS, name.strip('"'), eval(value, namespace))
+  result = train(rl_stage(tmp_path, "mean_baseline", steps=2, rl__kl_coef=0.05))
+  rows = train_rows(tmp_path / "run")
+  assert result["eval_after"] is not None and all(np.isfinite(r["train/loss"]) for r in rows.values())
+  assert set(rows) == {1, 2} and "train/rollout/logprob_mismatch_max" in rows[2]

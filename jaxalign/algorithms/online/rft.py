@@ -1,0 +1,22 @@
+"""Rejection-sampling fine-tuning (RFT / RAFT / best-of-n; OBJECTIVES.md §8.1): each group's best sample is
+trained with the SFT loss when its reward reaches rl.rft_threshold. Log-probs are the model's full
+distribution (no importance ratio is involved)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxalign.algorithms.online.base import TokenAlgorithm, TokenUnits, group_best, take
+
+
+class RFT(TokenAlgorithm):
+  loss = "sft"
+
+  def units(self, ctx, state, frozen_params, s, key):
+    best, _, _ = group_best(s.scores, ctx.rl.group_size)
+    keep = (s.scores[best] >= ctx.rl.rft_threshold).astype(jnp.float32)
+    units = TokenUnits(rows=take(s.rows, best), floor=None, mask=s.mask[best] * keep[:, None], ref=s.ref[best])
+    return units, {"rft/accept_rate": jnp.mean(keep)}
+
+  def stats(self, ctx, policy, trainable, unit: TokenUnits):
+    return self.token_batch(ctx, policy, unit)

@@ -1,0 +1,214 @@
+"""Online RL in one jitted step: generate -> score -> old / reference log-probs -> update units -> update.
+
+`make_rl_step(ctx)` returns `step(state, prompts, frozen) -> (state, metrics)`. Everything runs inside one
+`jax.jit` over the mesh: the sampler (KV cache, one prefill per distinct prompt) uses the policy's own
+weights resharded into the decode layout (`rollout.decode_layout`; no copy to an inference engine), rewards come from rule functions (one host callback) and/or a
+reward model in the same graph, and the update is a scan over epochs x minibatches of the algorithm's
+update units. What differs between algorithms lives in their `Algorithm` object (`online.base`).
+Shape letters: B prompts, G group size, R = B x G rollout rows, P prompt length, N new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxalign import losses
+from jaxalign.algorithms.forward import frozen as no_grad
+from jaxalign.algorithms.forward import token_logps
+from jaxalign.algorithms.online.base import Algorithm, Scored, take
+from jaxalign.algorithms.online.config import RLConfig
+from jaxalign.algorithms.step import StepFns, TrainState
+from jaxalign.models.decoder import last_token_values
+from jaxalign.rollout.decode_layout import generate_in_decode_layout
+from jaxalign.rollout.sampler import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineFns:
+  """Static pieces of the online step (closed over by jit), and the passes every algorithm shares."""
+
+  fns: StepFns
+  algorithm: Algorithm
+  rl: RLConfig
+  sampling: SamplingConfig
+  reward: object  # RuleRewards: (uid, tokens, mask) -> (scores [R], host seconds)
+  uses_reference: bool
+  critic: object = None  # graphdef of the value model (trainable = {"policy", "value"})
+  reward_model: object = None  # graphdef of the reward model (weights in frozen["reward_model"])
+
+  def policy(self, trainable, frozen_params):
+    return self.fns.policy(self.algorithm.policy_params(trainable), frozen_params)
+
+  def values(self, value_params, rows):
+    """V(s_t) [R, N] before each completion token (positions P-1 .. P+N-2)."""
+    values = nnx.merge(self.critic, value_params)(rows["input_ids"], segment_ids=rows["segment_ids"])
+    return values[:, -self.rl.max_new_tokens - 1:-1]
+
+  def scores(self, frozen_params, uid, rollout, rows):
+    """Rule rewards (host callback) plus the reward model read at each row's last real token."""
+    scores, seconds = self.reward(uid, rollout.tokens, rollout.mask)
+    if self.reward_model is not None:
+      model = nnx.merge(self.reward_model, frozen_params["reward_model"])
+      values = model(rows["input_ids"], segment_ids=rows["segment_ids"])
+      scores = scores + self.rl.reward_model_weight * last_token_values(values, rows["segment_ids"] != 0)
+    return scores, seconds
+
+  def completion_logps(self, model, rows, floor, *, entropy: bool = False):
+    """Log-probs [R, N] of the completion tokens (positions P-1 .. P+N-2 of the row), their mask, and the
+    entropies [R, N] (None unless asked), renormalised over the sampled set where `floor` [R, T-1] says."""
+    out = token_logps(model, rows, temperature=self.rl.temperature, impl=self.fns.op["impl"], logit_floor=floor,
+                      return_entropy=entropy)
+    n = self.rl.max_new_tokens
+    return out[0][:, -n:], out[1][:, -n:], out[2][:, -n:] if entropy else None
+
+  def generate(self, policy, prompts: dict, key, group_size: int, sampling: SamplingConfig | None = None):
+    """Rollout of `group_size` samples of each prompt (one prefill per prompt), on the policy's weights
+    resharded into the decode layout in the compute dtype (no device holds more than its share of them)."""
+    return generate_in_decode_layout(policy, prompts["prompt_ids"], prompts["prompt_mask"], key,
+                                     sampling or self.sampling, group_size=group_size)
+
+  def greedy_scores(self, state: TrainState, frozen_params, prompts: dict):
+    """Rewards [B] of the policy's greedy completions of `prompts`."""
+    greedy = self.generate(self.policy(state.trainable, frozen_params), prompts, jax.random.PRNGKey(0), 1,
+                           dataclasses.replace(self.sampling, temperature=0.0))
+    return self.scores(frozen_params, prompts["uid"], greedy, rollout_rows(greedy))[0]
+
+
+def rollout_rows(rollout) -> dict:
+  """Training rows [R, P+N] from left-padded prompts and completions (segment 1 on real tokens)."""
+  ids = jnp.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
+  return {"input_ids": ids,
+          "loss_mask": jnp.concatenate([jnp.zeros_like(rollout.prompt_mask), rollout.mask], axis=1),
+          "segment_ids": jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)}
+
+
+# The training path recomputes the logits the sampler compared with its floor, equal up to rounding (cached vs
+# full forward, x / T vs x * (1 / T)): the floor is lowered by this relative slack so the kept set stays kept.
+FLOOR_SLACK = 1e-5
+
+
+def target_floor(rollout) -> jax.Array:
+  """The sampler's logit floor [R, P+N-1] at every target position of the rollout's rows (-inf on prompts),
+  lowered by FLOOR_SLACK."""
+  floor = rollout.logit_floor.astype(jnp.float32)
+  floor = floor - FLOOR_SLACK * jnp.maximum(1.0, jnp.abs(floor))
+  prompt = jnp.full((rollout.prompt_ids.shape[0], rollout.prompt_ids.shape[1] - 1), -jnp.inf, jnp.float32)
+  return jnp.concatenate([prompt, floor], axis=1)
+
+
+def _select_groups(tree, scores, group_ids, num_groups: int, keep: int, group_size: int):
+  """DAPO dynamic sampling inside jit: keep `keep` groups, those with reward variance first."""
+  signal = losses.groups_with_signal(scores, group_ids, num_groups).reshape(num_groups, group_size)[:, 0]
+  order = jnp.argsort(~signal, stable=True)[:keep]  # [keep] groups
+  rows = (order[:, None] * group_size + jnp.arange(group_size)[None]).reshape(-1)
+  return take(tree, rows), take(scores, rows), jnp.mean(signal.astype(jnp.float32))
+
+
+def shaped_scores(rl: RLConfig, scores, rollout) -> tuple[jax.Array, dict]:
+  """Rewards [R] plus DAPO's overlong penalty (rl.overlong_buffer > 0) on each completion's length."""
+  if not rl.overlong_buffer:
+    return scores, {}
+  penalty = losses.overlong_penalty(jnp.sum(rollout.mask, -1), max_len=rl.max_new_tokens,
+                                    cache_len=rl.overlong_buffer)
+  return scores + penalty, {"reward/overlong_penalty": jnp.mean(penalty)}
+
+
+def trained_mask(rl: RLConfig, mask, rollout) -> jax.Array:
+  """The completion tokens [R, N] that train: all, or (rl.mask_truncated_completions) only those of rows that
+  emitted EOS."""
+  return mask * rollout.finished[:, None] if rl.mask_truncated_completions else mask
+
+
+def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
+  """Epochs x minibatches of optimiser steps over the update units (a lax.scan)."""
+  rl, algorithm = ctx.rl, ctx.algorithm
+  num = jax.tree.leaves(units)[0].shape[0]
+  size = num // rl.minibatches
+  keys = jax.random.split(key, rl.epochs)
+  order = jnp.concatenate([jax.random.permutation(k, num)[:size * rl.minibatches] for k in keys])
+  order = order.reshape(rl.epochs * rl.minibatches, size)
+
+  def loss_fn(trainable, unit):
+    stats = algorithm.stats(ctx, ctx.policy(trainable, frozen_params), trainable, unit)
+    return algorithm.loss_fn(ctx, stats, algorithm.counts(ctx, stats, size))
+
+  def one_step(carry, index):
+    trainable, opt_state = carry
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, take(units, index))
+    updates, opt_state = ctx.fns.tx.update(grads, opt_state, trainable)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return (optax.apply_updates(trainable, updates), opt_state), metrics
+
+  (trainable, opt_state), metrics = jax.lax.scan(one_step, (state.trainable, state.opt_state), order)
+  return trainable, opt_state, {k: jnp.mean(v) for k, v in metrics.items()}
+
+
+def _rollout_metrics(rollout, old, mask) -> dict:
+  gap = jnp.abs(old - rollout.logprobs) * rollout.mask
+  tokens = jnp.maximum(jnp.sum(rollout.mask), 1.0)
+  return {"rollout/logprob_mismatch_max": jnp.max(gap),
+          "rollout/logprob_mean": jnp.sum(rollout.logprobs * rollout.mask) / tokens,
+          "rollout/logprob_mismatch_mean": jnp.sum(gap) / tokens,
+          "completions/mean_length": jnp.mean(jnp.sum(rollout.mask, -1)),
+          "completions/clipped_ratio": 1.0 - jnp.mean(rollout.finished.astype(jnp.float32)),
+          "completions/trained_tokens": jnp.sum(mask)}
+
+
+def make_rl_step(ctx: OnlineFns):
+  """step(state, prompts {prompt_ids, prompt_mask [B, P], uid [B]}, frozen) -> (state, metrics)."""
+  rl, algorithm = ctx.rl, ctx.algorithm
+
+  def step(state: TrainState, prompts: dict, frozen_params: dict):
+    rng, gen_key, unit_key, update_key = jax.random.split(state.rng, 4)
+    policy = ctx.policy(state.trainable, frozen_params)
+    num_prompts = prompts["prompt_ids"].shape[0]
+    groups = num_prompts * rl.oversample
+    tiled = jax.tree.map(lambda x: jnp.tile(x, (rl.oversample,) + (1,) * (x.ndim - 1)), prompts)
+    rollout = ctx.generate(policy, tiled, gen_key, rl.group_size)
+    uid = jnp.repeat(tiled["uid"], rl.group_size)
+    rows = rollout_rows(rollout)
+    scores, host_seconds = ctx.scores(frozen_params, uid, rollout, rows)
+    metrics = {"reward/host_seconds": host_seconds}
+    scores, shaping_metrics = shaped_scores(rl, scores, rollout)
+    metrics.update(shaping_metrics)
+    group_ids = jnp.repeat(jnp.arange(groups), rl.group_size)
+    if rl.oversample > 1:
+      (rollout, rows, uid), scores, kept = _select_groups((rollout, rows, uid), scores, group_ids, groups,
+                                                          num_prompts, rl.group_size)
+      group_ids, metrics["dynamic_sampling/signal_fraction"] = group_ids[:scores.shape[0]], kept
+    metrics.update(losses.group_metrics(scores, group_ids, num_prompts))
+
+    floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
+    old, mask, _ = no_grad(ctx.completion_logps, policy, rows, floor)
+    reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
+    ref = no_grad(ctx.completion_logps, reference, rows, floor)[0] if reference is not None else old
+    mask = trained_mask(rl, mask, rollout)
+    metrics.update(_rollout_metrics(rollout, old, mask))
+    metrics["kl"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, num_prompts)
+    units, unit_metrics = algorithm.units(ctx, state, frozen_params, scored, unit_key)
+    metrics.update(unit_metrics)
+    trainable, opt_state, update_metrics = _update(ctx, state, frozen_params, units, update_key)
+    metrics.update(update_metrics)
+    return TrainState(trainable, opt_state, state.step + 1, rng), metrics
+
+  return step
+
+
+def make_rl_eval(ctx: OnlineFns):
+  """eval(state, prompts, frozen) -> mean greedy reward on held-out prompts (and length)."""
+
+  def evaluate(state: TrainState, prompts: dict, frozen_params: dict):
+    greedy = ctx.generate(ctx.policy(state.trainable, frozen_params), prompts, jax.random.PRNGKey(0), 1,
+                          dataclasses.replace(ctx.sampling, temperature=0.0))
+    scores, _ = ctx.scores(frozen_params, prompts["uid"], greedy, rollout_rows(greedy))
+    return {"reward": jnp.mean(scores), "completions/mean_length": jnp.mean(jnp.sum(greedy.mask, -1)),
+            "loss": -jnp.mean(scores)}
+
+  return evaluate
