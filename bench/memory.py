@@ -41,6 +41,8 @@ ROWS = {
                          1, 30.0, "1.24B, same shape, float32 master weights and moments, bf16 reference"),
   "8b-dpo-recipe": ("configs/llama_8b_dpo.yaml", model_keys("8b"), 16, 40.0,
                     "configs/llama_8b_dpo.yaml on its (data 2, fsdp 8) mesh"),
+  "8b-grpo-recipe": ("configs/llama_8b_grpo.yaml", model_keys("8b"), 16, 60.0,
+                     "configs/llama_8b_grpo.yaml: 8 prompts x 8 samples, 512 + 1024 tokens, generation included"),
   "70b-dpo-recipe": ("configs/llama_70b_dpo.yaml", model_keys("70b"), 64, 80.0,
                      "configs/llama_70b_dpo.yaml: 64 devices, 4 rows x 2048 tokens per device"),
   "1b-sft-32k-recipe": ("configs/llama_1b_sft_32k.yaml", model_keys("1b"), 1, 40.0,

@@ -67,11 +67,14 @@ def _dummy_examples(cfg: TrainConfig, count: int, responses: int):
                   ref_logps=(0.0,) * responses if precomputed else (), uid=i) for i in range(count)]
 
 
-def example_batch(cfg: TrainConfig, responses_per_list: int = 4) -> dict[str, np.ndarray]:
-  """One step's host batch at the configured limits, built by the real pipeline from dummy examples."""
+def example_batch(cfg: TrainConfig, mesh=None, responses_per_list: int = 4) -> dict[str, np.ndarray]:
+  """One step's host batch at the configured limits, built by the real pipeline from dummy examples (packed
+  pair / list rows a multiple of `mesh`'s batch shards, as training builds them)."""
   responses = {"preference": 2, "ranked": responses_per_list}.get(cfg.data.format, 1)
   count = cfg.data.batch_size * cfg.optim.grad_accum  # full-length examples: one per (packed) row
   batches = Batches(_dummy_examples(cfg, count, responses), cfg.data, cfg.seed, shuffle=False)
+  if mesh is not None:
+    batches.pack_multiple = sharding.local_batch_shards(mesh, cfg.mesh.rules, cfg.data.batch_size)
   if cfg.algorithm in online.ALGORITHMS:
     return next(batches)
   return stack_micro_batches([next(batches) for _ in range(cfg.optim.grad_accum)])
@@ -168,7 +171,7 @@ def plan(cfg: TrainConfig) -> Plan:
   mesh = sharding.make_mesh(cfg.mesh)
   run = abstract_run(cfg, cfg.model, mesh)
   leading = 0 if cfg.algorithm in online.ALGORITHMS else 1
-  host_batch = example_batch(cfg)
+  host_batch = example_batch(cfg, mesh)
   batch = _shaped(host_batch, batch_shardings(host_batch, mesh, cfg.mesh.rules, leading))
   state_shardings = jax.tree.map(lambda x: x.sharding, run.state)
   start = time.perf_counter()

@@ -228,7 +228,8 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
                       f"but data.format={cfg.data.format}")
   if online_run:
     try:
-      online.ALGORITHMS[cfg.algorithm].check(cfg.rl)
+      online.ALGORITHMS[cfg.algorithm].check(cfg.rl, loss_params(objective.loss_name, cfg.loss.params),
+                                             cfg.data.batch_size)
     except ValueError as error:
       raise ConfigError(f"algorithm={cfg.algorithm}: {error}") from None
   if online_run and online.ALGORITHMS[cfg.algorithm].critic and cfg.lora.enabled:

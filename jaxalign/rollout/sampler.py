@@ -187,8 +187,8 @@ def _grouped_cache(model, prefill: dict, group_size: int, max_len: int) -> dict:
 
   return {
     "index": prefill["index"],
-    "positions": fill(grouped["positions"], prefill["positions"], ("batch", "seq")),
-    "valid": fill(grouped["valid"], prefill["valid"], ("batch", "seq")),
+    "positions": fill(grouped["positions"], prefill["positions"], cache_axes()[:2]),
+    "valid": fill(grouped["valid"], prefill["valid"], cache_axes()[:2]),
     "layers": jax.tree.map(lambda empty, entries: fill(empty, entries, kv_names, int(stacked)), grouped["layers"],
                            prefill["layers"]),
   }

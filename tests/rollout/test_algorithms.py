@@ -627,3 +627,30 @@ def test_overlong_shaping_and_truncated_completion_mask():
   dropped = trained_mask(RLConfig(mask_truncated_completions=True), jnp.asarray(mask), rollout)
   np.testing.assert_array_equal(dropped, mask * finished[:, None])
   assert np.asarray(dropped)[5].sum() == 0 and np.asarray(dropped)[4].sum() == 5
+
+
+def test_pair_and_best_selection_skip_rows_that_do_not_train():
+  """With rl.mask_truncated_completions a truncated row has no trained token: online DPO pairs and RFT's best
+  come from the rows that train (a group with fewer than two such rows gives no pair)."""
+  from jaxalign.algorithms.online.base import group_best
+
+  scores = jnp.asarray([3.0, 1.0, 2.0, 5.0, 4.0, 0.0])  # two groups of 3
+  trains = jnp.asarray([False, True, True, True, False, False])
+  best, worst, distinct = group_best(scores, 3, trains)
+  np.testing.assert_array_equal(best, [2, 3])  # 3.0 (row 0) is truncated; group 2 has one training row
+  np.testing.assert_array_equal(worst, [1, 3])
+  np.testing.assert_array_equal(distinct, [True, False])
+  best, worst, distinct = group_best(scores, 3, jnp.ones(6, bool))
+  np.testing.assert_array_equal(best, [0, 3])
+  np.testing.assert_array_equal(worst, [1, 5])
+
+
+def test_check_refuses_minibatches_that_do_not_divide_the_update_units():
+  rl = RLConfig(group_size=4, minibatches=5)
+  with pytest.raises(ValueError, match="rl.minibatches=5 does not divide the 24 update units"):
+    ALGORITHMS["grpo"].check(rl, {}, 6)
+  ALGORITHMS["grpo"].check(rl, {}, 5)  # 20 rows
+  with pytest.raises(ValueError, match="does not divide the 4 update units"):  # one pair per prompt
+    ALGORITHMS["online_dpo"].check(rl, {}, 4)
+  with pytest.raises(ValueError, match="entropy bonus; set one"):
+    ALGORITHMS["ppo"].check(RLConfig(entropy_coef=0.01), {"ent_coef": 0.01}, 4)

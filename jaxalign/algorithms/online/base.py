@@ -66,8 +66,16 @@ class Algorithm:
     del loss_params
     return rl.kl_loss_coef > 0
 
-  def check(self, rl) -> None:
-    """ValueError (one line) for `rl.*` settings this algorithm cannot honour."""
+  def check(self, rl, loss_params: dict, prompts: int) -> None:
+    """ValueError (one line) for `rl.*` settings this algorithm cannot honour (`prompts` per step)."""
+    units = prompts * self.units_per_prompt(rl)
+    if units % rl.minibatches:
+      raise ValueError(f"rl.minibatches={rl.minibatches} does not divide the {units} update units of a step "
+                       f"({prompts} prompts x {self.units_per_prompt(rl)})")
+
+  def units_per_prompt(self, rl) -> int:
+    """Update units each prompt gives (rows of its group by default)."""
+    return rl.group_size
 
   def units(self, ctx, state, frozen_params, scored: Scored, key) -> tuple[NamedTuple, dict]:
     """(update units, metrics) from a scored rollout."""
@@ -104,9 +112,12 @@ class TokenAlgorithm(Algorithm):
     loss, metrics = super().loss_fn(ctx, stats, counts)
     return regularised(ctx.rl, stats, loss, metrics)
 
+  def needs_entropy(self, ctx) -> bool:
+    return ctx.rl.entropy_coef > 0
+
   def token_batch(self, ctx, policy, unit: TokenUnits, **fields) -> losses.TokenBatch:
     """TokenBatch of `unit` under `policy`: log-probs (and entropies when the bonus needs them)."""
-    logps, _, entropy = ctx.completion_logps(policy, unit.rows, unit.floor, entropy=ctx.rl.entropy_coef > 0)
+    logps, _, entropy = ctx.completion_logps(policy, unit.rows, unit.floor, entropy=self.needs_entropy(ctx))
     return losses.TokenBatch(logps=logps, mask=unit.mask, old_logps=unit.old, ref_logps=unit.ref,
                              advantages=unit.adv, entropy=entropy, **fields)
 
@@ -163,8 +174,15 @@ def token_units(rl, s: Scored, advantages) -> TokenUnits:
   return TokenUnits(rows=s.rows, floor=s.floor, mask=s.mask, old=s.old, ref=s.ref, adv=advantages)
 
 
-def group_best(scores: jax.Array, group_size: int):
-  """(best, worst, distinct) per group of `group_size` consecutive rows, as row indices [G_count]."""
-  best, worst, distinct = losses.best_worst(scores.reshape(-1, group_size))
+def group_best(scores: jax.Array, group_size: int, trains: jax.Array):
+  """(best, worst, distinct) per group of `group_size` consecutive rows, as row indices [G_count], among the
+  rows that train (`trains` [R]: rl.mask_truncated_completions leaves truncated rows out). `distinct`: two
+  training rows of different reward exist."""
+  scores = scores.reshape(-1, group_size)
+  trains = trains.reshape(-1, group_size)
+  best = jnp.argmax(jnp.where(trains, scores, -jnp.inf), axis=-1)
+  worst = jnp.argmin(jnp.where(trains, scores, jnp.inf), axis=-1)
+  distinct = jnp.take_along_axis(scores, best[:, None], -1)[:, 0] > jnp.take_along_axis(scores, worst[:, None], -1)[:, 0]
+  distinct = distinct & jnp.take_along_axis(trains, best[:, None], -1)[:, 0]
   base = jnp.arange(best.shape[0]) * group_size
   return base + best, base + worst, distinct

@@ -46,6 +46,8 @@ class RLConfig:
       raise ValueError("rl.group_size, rl.max_new_tokens, rl.epochs and rl.minibatches must be >= 1")
     if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0 and self.oversample >= 1):
       raise ValueError("rl.temperature must be > 0, rl.top_p in (0, 1], rl.top_k >= 0 and rl.oversample >= 1")
+    if 0 < self.is_cap < 1:
+      raise ValueError(f"rl.is_cap={self.is_cap} must be 0 (off) or >= 1 (a cap on the importance weight)")
     if min(self.kl_coef, self.kl_loss_coef, self.is_cap, self.entropy_coef) < 0 or not (
         0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
       raise ValueError("rl.kl_coef, rl.kl_loss_coef, rl.entropy_coef and rl.is_cap must be >= 0, rl.gamma and "

@@ -30,13 +30,17 @@ class OnlineDPO(Algorithm):
   def uses_reference(self, rl, loss_params: dict) -> bool:
     return True
 
-  def check(self, rl) -> None:
+  def units_per_prompt(self, rl) -> int:
+    return 1
+
+  def check(self, rl, loss_params: dict, prompts: int) -> None:
+    super().check(rl, loss_params, prompts)
     if rl.entropy_coef or rl.kl_loss_coef:
       raise ValueError("rl.entropy_coef and rl.kl_loss_coef apply to token-level losses; online_dpo's KL is the "
                        "DPO loss's own (loss.params.beta)")
 
   def units(self, ctx, state, frozen_params, s, key):
-    best, worst, distinct = group_best(s.scores, ctx.rl.group_size)
+    best, worst, distinct = group_best(s.scores, ctx.rl.group_size, jnp.any(s.mask > 0, -1))
     rejected = jnp.where(distinct, worst, best)
     ref_sums, counts = jnp.sum(s.ref * s.mask, -1), jnp.sum(s.mask, -1)  # [R]
     units = PairUnits(take(s.rows, best), take(s.rows, rejected), s.mask[best], s.mask[rejected], ref_sums[best],

@@ -24,6 +24,14 @@ class PPO(PolicyGradient):
   kl_in_reward = True
   critic = True
 
+  def check(self, rl, loss_params: dict, prompts: int) -> None:
+    super().check(rl, loss_params, prompts)
+    if rl.entropy_coef and loss_params.get("ent_coef"):
+      raise ValueError("rl.entropy_coef and loss.params.ent_coef are both the entropy bonus; set one")
+
+  def needs_entropy(self, ctx) -> bool:
+    return super().needs_entropy(ctx) or bool(ctx.fns.loss_params.get("ent_coef"))
+
   def units(self, ctx, state, frozen_params, s, key):
     old_values = no_grad(ctx.values, state.trainable["value"], s.rows)
     token_rewards, metrics = losses.kl_shaped_rewards(s.scores, s.old, s.ref, s.mask, beta=ctx.rl.kl_coef)

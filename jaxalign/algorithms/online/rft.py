@@ -13,10 +13,14 @@ class RFT(TokenAlgorithm):
   loss = "sft"
 
   def units(self, ctx, state, frozen_params, s, key):
-    best, _, _ = group_best(s.scores, ctx.rl.group_size)
-    keep = (s.scores[best] >= ctx.rl.rft_threshold).astype(jnp.float32)
+    trains = jnp.any(s.mask > 0, -1)
+    best, _, _ = group_best(s.scores, ctx.rl.group_size, trains)
+    keep = ((s.scores[best] >= ctx.rl.rft_threshold) & trains[best]).astype(jnp.float32)
     units = TokenUnits(rows=take(s.rows, best), floor=None, mask=s.mask[best] * keep[:, None], ref=s.ref[best])
     return units, {"rft/accept_rate": jnp.mean(keep)}
+
+  def units_per_prompt(self, rl) -> int:
+    return 1
 
   def stats(self, ctx, policy, trainable, unit: TokenUnits):
     return self.token_batch(ctx, policy, unit)

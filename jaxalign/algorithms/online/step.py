@@ -73,10 +73,11 @@ class OnlineFns:
                                      sampling or self.sampling, group_size=group_size)
 
   def greedy_scores(self, state: TrainState, frozen_params, prompts: dict):
-    """Rewards [B] of the policy's greedy completions of `prompts`."""
+    """Rewards [B] of the policy's greedy completions of `prompts`, shaped as the samples' are."""
     greedy = self.generate(self.policy(state.trainable, frozen_params), prompts, jax.random.PRNGKey(0), 1,
                            dataclasses.replace(self.sampling, temperature=0.0))
-    return self.scores(frozen_params, prompts["uid"], greedy, rollout_rows(greedy))[0]
+    scores = self.scores(frozen_params, prompts["uid"], greedy, rollout_rows(greedy))[0]
+    return shaped_scores(self.rl, scores, greedy)[0]
 
 
 def rollout_rows(rollout) -> dict:
@@ -87,8 +88,10 @@ def rollout_rows(rollout) -> dict:
           "segment_ids": jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)}
 
 
-# The training path recomputes the logits the sampler compared with its floor, equal up to rounding (cached vs
-# full forward, x / T vs x * (1 / T)): the floor is lowered by this relative slack so the kept set stays kept.
+# The training path recomputes the logits the sampler compared with its floor, equal up to rounding in float32
+# (cached vs full forward, x / T vs x * (1 / T)): the floor is lowered by this relative slack so that the kept
+# tokens stay kept. In bf16 the two forwards differ by far more than any slack: near-floor tokens then flip
+# and the gap shows in rollout/logprob_mismatch_* (rl.is_cap corrects for it).
 FLOOR_SLACK = 1e-5
 
 
@@ -174,19 +177,21 @@ def make_rl_step(ctx: OnlineFns):
     rows = rollout_rows(rollout)
     scores, host_seconds = ctx.scores(frozen_params, uid, rollout, rows)
     metrics = {"reward/host_seconds": host_seconds}
-    scores, shaping_metrics = shaped_scores(rl, scores, rollout)
-    metrics.update(shaping_metrics)
     group_ids = jnp.repeat(jnp.arange(groups), rl.group_size)
-    if rl.oversample > 1:
+    if rl.oversample > 1:  # on the task rewards: groups that differ only in length carry no signal
       (rollout, rows, uid), scores, kept = _select_groups((rollout, rows, uid), scores, group_ids, groups,
                                                           num_prompts, rl.group_size)
       group_ids, metrics["dynamic_sampling/signal_fraction"] = group_ids[:scores.shape[0]], kept
     metrics.update(losses.group_metrics(scores, group_ids, num_prompts))
+    scores, shaping_metrics = shaped_scores(rl, scores, rollout)
+    metrics.update(shaping_metrics)
 
     floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
     old, mask, _ = no_grad(ctx.completion_logps, policy, rows, floor)
+    # The reference's full distribution: the floor is the policy's logit, meaningless for another network, and
+    # the KL terms measure KL(pi_sampled || pi_ref).
     reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
-    ref = no_grad(ctx.completion_logps, reference, rows, floor)[0] if reference is not None else old
+    ref = no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
     mask = trained_mask(rl, mask, rollout)
     metrics.update(_rollout_metrics(rollout, old, mask))
     metrics["kl"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
