@@ -3,7 +3,6 @@ gathered inside the decode loop or whole anywhere in it), and generation's per-d
 (weights + KV cache) / devices plus a stated working set."""
 
 import jax
-import pytest
 from flax import nnx
 
 from jaxalign import plan as plan_lib
@@ -29,9 +28,10 @@ def grpo_config(tmp_path, scan_layers: bool) -> TrainConfig:
     "rl": {"group_size": GROUP, "max_new_tokens": NEW, "top_k": 5}, "mesh": {"data": 1, "fsdp": 8, "tensor": 1}})
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_rl_step_generates_without_moving_weights_and_within_weights_plus_cache_per_device(tmp_path, scan_layers):
-  cfg = grpo_config(tmp_path, scan_layers)
+def test_rl_step_generates_without_moving_weights_and_within_weights_plus_cache_per_device(tmp_path):
+  # scan_layers=false: without the decode layout XLA hoists whole-weight gathers out of the loop, the case the
+  # step's HLO hides best (tests/rollout/test_decode_layout.py covers generation with scanned layers too).
+  cfg = grpo_config(tmp_path, scan_layers=False)
   mesh = sharding.make_mesh(cfg.mesh)
   n = mesh.size
   run = plan_lib.abstract_run(cfg, cfg.model, mesh)
