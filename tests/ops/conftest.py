@@ -49,6 +49,21 @@ def rel_err(actual, expected):
   return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-30))
 
 
+def central_differences(loss, hidden, weight, eps):
+  """{"dh", "dw"}: float64 central differences of loss(hidden, weight) in every element of each."""
+  out = {}
+  for name, x in (("dh", hidden), ("dw", weight)):
+    num = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+      up, dn = x.copy(), x.copy()
+      up[idx] += eps
+      dn[idx] -= eps
+      num[idx] = (loss(*((up, weight) if name == "dh" else (hidden, up)))
+                  - loss(*((dn, weight) if name == "dh" else (hidden, dn)))) / (2 * eps)
+    out[name] = num
+  return out
+
+
 def make_inputs(seed, n, d, v, dtype, ignore_frac=0.2):
   """Random hidden [N, D], weight [D, V] (logits of order 1-5), targets with ~ignore_frac
   negative (ignored) ids, and cotangents g_lp, g_ent [N] float32."""
@@ -65,6 +80,6 @@ def make_inputs(seed, n, d, v, dtype, ignore_frac=0.2):
 
 @pytest.fixture
 def ref():
-  """reference(...), rel_err(...), make_inputs(...), as_f64(...)."""
+  """reference(...), rel_err(...), make_inputs(...), as_f64(...), central_differences(...)."""
   return types.SimpleNamespace(reference=reference, rel_err=rel_err, make_inputs=make_inputs,
-                               as_f64=as_f64)
+                               as_f64=as_f64, central_differences=central_differences)
