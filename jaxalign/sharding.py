@@ -202,6 +202,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
+def shards(name: str, size: int) -> int:
+  """How many pieces a dimension of logical `name` and `size` splits into under the enclosing `use_mesh`
+  (1 outside one)."""
+  rules = _ACTIVE_RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return 1
+  return math.prod(mesh.shape[a] for a in _as_tuple(logical_to_spec((name,), (size,), mesh, rules)[0]))
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules: Rules = DEFAULT_RULES,
                    batch_size: int | None = None) -> NamedSharding:
   """Sharding for a batch array [B, ...]: batch over its rule's mesh axes, the rest replicated."""

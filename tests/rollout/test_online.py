@@ -36,15 +36,22 @@ def rl_stage(tmp_path, algorithm, **changes):
   return from_dict(TrainConfig, cfg)
 
 
+# Algorithms with their own update units (critic values, pairs) train on packed rows (tests/rollout/
+# test_rl_packing.py checks packed passes equal padded ones).
+PACKED = ("online_dpo", "ppo")
+
+
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
 def test_every_online_algorithm_raises_the_reward(tmp_path, algorithm):
-  result = train(rl_stage(tmp_path, algorithm))
+  result = train(rl_stage(tmp_path, algorithm, rl__pack_ratio=0.9 if algorithm in PACKED else 0.0))
   before, after = result["eval_before"]["reward"], result["eval_after"]["reward"]
   assert after > before + 0.1, (before, after)
   rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
   train_rows = [r for r in rows if "train/reward" in r]
   assert all(np.isfinite(r["train/loss"]) for r in train_rows)
   assert train_rows[0]["train/rollout/logprob_mismatch_max"] < 1e-3  # sampler and trainer agree
+  if algorithm in PACKED:  # most steps fit
+    assert np.mean([r["train/packing/update_packed_fraction"] for r in train_rows]) > 0.5
 
 
 def train_rows(run_dir):
@@ -153,12 +160,17 @@ def test_hh_pairs_read_as_prompts(data_dir):
   assert len(examples) == 2354 and all(e.prompt.endswith("\n\nAssistant:") and not e.responses for e in examples)
 
 
-def test_truncated_sampling_is_replayed_on_the_training_path(tmp_path):
+@pytest.mark.parametrize("pack_ratio", [0.0, 0.9])
+def test_truncated_sampling_is_replayed_on_the_training_path(tmp_path, pack_ratio):
   """top-k / top-p: the old-policy log-probs equal the sampler's and the first update's ratio is 1 (either
-  fails when a pass ignores the sampler's logit floor: full-distribution log-probs are lower). The sampler's
+  fails when a pass ignores the sampler's logit floor: full-distribution log-probs are lower), with padded and
+XX
   own renormalize=False path is tested in tests/rollout/test_sampler.py."""
-  cfg = rl_stage(tmp_path, "grpo", steps=1, rl__top_k=5, rl__top_p=0.8, rl__temperature=1.5)
+  cfg = rl_stage(tmp_path, "grpo", steps=1, rl__top_k=5, rl__top_p=0.8, rl__temperature=1.5,
+                 rl__pack_ratio=pack_ratio, rl__pack_length=30)
   row = one_step(cfg)
+  if pack_ratio:
+    assert row["packing/scoring_packed_fraction"] == row["packing/update_packed_fraction"] == 1.0
   assert row["rollout/logprob_mismatch_max"] < 1e-5
   # the first update's pi / pi_old: 1 up to float32 rounding (the old and the update pass fuse differently)
   assert row["ratio_deviation_max"] <= 2.0**-22

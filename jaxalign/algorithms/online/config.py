@@ -32,6 +32,12 @@ class RLConfig:
   # DAPO overlong reward shaping: completions longer than max_new_tokens - overlong_buffer lose up to 1 (0: off).
   overlong_buffer: int = 0
   mask_truncated_completions: bool = False  # completions without EOS give no loss (DAPO, TRL)
+  # Packed training passes (`online.packing`): the old-policy, reference and update passes run on packed rows of
+  # pack_length tokens (0: the rollout rows' P + N) holding pack_ratio x the padded rows' slots per batch shard;
+  # a batch that does not fit runs padded (pack_ratio 0: always padded). Rows longer than P + N let two
+  # completions longer than half of it share a row, at the cost of attention over the longer rows.
+  pack_ratio: float = 0.0
+  pack_length: int = 0
   is_cap: float = 0.0  # truncated importance weight on sampler / trainer log-prob mismatch (0: off)
   rft_threshold: float = 0.5  # rejection sampling keeps the best sample when its reward reaches this
   gamma: float = 1.0  # PPO: GAE discount
@@ -55,6 +61,9 @@ class RLConfig:
     if not 0 <= self.overlong_buffer < self.max_new_tokens:
       raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
                        f"{self.max_new_tokens})")
+    if not 0 <= self.pack_ratio <= 1 or self.pack_length < 0:
+      raise ValueError(f"rl.pack_ratio={self.pack_ratio} must be in [0, 1] (0: padded rows) and rl.pack_length="
+                       f"{self.pack_length} >= 0")
     if self.kl_loss_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"rl.kl_loss_estimator={self.kl_loss_estimator!r}; choose one of k1, k2, k3")
 

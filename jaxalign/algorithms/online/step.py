@@ -19,9 +19,10 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
-from jaxalign.algorithms.forward import token_logps
+from jaxalign.algorithms.forward import loss_targets, token_logps
 from jaxalign.algorithms.online.base import Algorithm, Scored, take
 from jaxalign.algorithms.online.config import RLConfig
+from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
 from jaxalign.algorithms.step import StepFns, TrainState
 from jaxalign.models.decoder import last_token_values
 from jaxalign.rollout.decode_layout import generate_in_decode_layout
@@ -46,7 +47,12 @@ class OnlineFns:
 
   def values(self, value_params, rows):
     """V(s_t) [R, N] before each completion token (positions P-1 .. P+N-2)."""
-    values = nnx.merge(self.critic, value_params)(rows["input_ids"], segment_ids=rows["segment_ids"])
+    model, packing = nnx.merge(self.critic, value_params), rows.get("packing")
+    if packing is None:
+      values = model(rows["input_ids"], segment_ids=rows["segment_ids"])
+    else:
+      packed = packed_rows(rows, packing)
+      values = unpack(model(packed["input_ids"], segment_ids=packed["segment_ids"]), packing)
     return values[:, -self.rl.max_new_tokens - 1:-1]
 
   def scores(self, frozen_params, uid, rollout, rows):
@@ -60,9 +66,17 @@ class OnlineFns:
 
   def completion_logps(self, model, rows, floor, *, entropy: bool = False):
     """Log-probs [R, N] of the completion tokens (positions P-1 .. P+N-2 of the row), their mask, and the
-    entropies [R, N] (None unless asked), renormalised over the sampled set where `floor` [R, T-1] says."""
-    out = token_logps(model, rows, temperature=self.rl.temperature, impl=self.fns.op["impl"], logit_floor=floor,
-                      return_entropy=entropy)
+    entropies [R, N] (None unless asked), renormalised over the sampled set where `floor` [R, T-1] says.
+    Rows that carry a "packing" (`online.packing`) run packed and are read back into the row view."""
+    kwargs = dict(temperature=self.rl.temperature, impl=self.fns.op["impl"], return_entropy=entropy)
+    packing = rows.get("packing")
+    if packing is None:
+      out = token_logps(model, rows, logit_floor=floor, **kwargs)
+    else:
+      floor = None if floor is None else pack(floor, packing, -jnp.inf, targets=True)
+      out = token_logps(model, packed_rows(rows, packing), logit_floor=floor, **kwargs)
+      out = (unpack(out[0], packing, targets=True), loss_targets(rows)[1],
+             *(unpack(x, packing, targets=True) for x in out[2:]))
     n = self.rl.max_new_tokens
     return out[0][:, -n:], out[1][:, -n:], out[2][:, -n:] if entropy else None
 
@@ -142,9 +156,12 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
 
   def one_step(carry, index):
     trainable, opt_state = carry
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, take(units, index))
+    gradient = jax.value_and_grad(loss_fn, has_aux=True)
+    ((_, metrics), grads), packing = packed_or_padded(lambda unit: gradient(trainable, unit), take(units, index),
+                                                      rl.pack_ratio, rl.pack_length)
     updates, opt_state = ctx.fns.tx.update(grads, opt_state, trainable)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics.update({f"packing/update_{k}": v for k, v in packing.items()})
     return (optax.apply_updates(trainable, updates), opt_state), metrics
 
   (trainable, opt_state), metrics = jax.lax.scan(one_step, (state.trainable, state.opt_state), order)
@@ -162,9 +179,40 @@ def _rollout_metrics(rollout, old, mask) -> dict:
           "completions/trained_tokens": jnp.sum(mask)}
 
 
+def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores, group_ids, keys):
+  """The training passes of a scored rollout: old-policy and reference log-probs, the algorithm's update
+  units, and the update. -> (trainable, opt_state, metrics).
+
+  rollout [R rows]; uid, scores, group_ids [R]: each row's example, reward and prompt (rows of a prompt are
+  consecutive); keys: (units key, update key)."""
+  rl, algorithm = ctx.rl, ctx.algorithm
+  policy = ctx.policy(state.trainable, frozen_params)
+  scores, metrics = shaped_scores(rl, scores, rollout)
+  rows = rollout_rows(rollout)
+  floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
+  reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
+
+  def old_and_reference(rows):
+    old, mask, _ = no_grad(ctx.completion_logps, policy, rows, floor)
+    # The reference's full distribution: the floor is the policy's logit, meaningless for another network,
+    # and the KL terms measure KL(pi_sampled || pi_ref).
+    return old, mask, no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
+
+  (old, mask, ref), packing = packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
+  metrics.update({f"packing/scoring_{k}": v for k, v in packing.items()})
+  mask = trained_mask(rl, mask, rollout)
+  metrics.update(_rollout_metrics(rollout, old, mask))
+  metrics["kl"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, scores.shape[0] // rl.group_size)
+  units, unit_metrics = algorithm.units(ctx, state, frozen_params, scored, keys[0])
+  trainable, opt_state, update_metrics = _update(ctx, state, frozen_params, units, keys[1])
+  return trainable, opt_state, {**metrics, **unit_metrics, **update_metrics}
+
+
 def make_rl_step(ctx: OnlineFns):
   """step(state, prompts {prompt_ids, prompt_mask [B, P], uid [B]}, frozen) -> (state, metrics)."""
-  rl, algorithm = ctx.rl, ctx.algorithm
+  rl = ctx.rl
 
   def step(state: TrainState, prompts: dict, frozen_params: dict):
     rng, gen_key, unit_key, update_key = jax.random.split(state.rng, 4)
@@ -174,34 +222,17 @@ def make_rl_step(ctx: OnlineFns):
     tiled = jax.tree.map(lambda x: jnp.tile(x, (rl.oversample,) + (1,) * (x.ndim - 1)), prompts)
     rollout = ctx.generate(policy, tiled, gen_key, rl.group_size)
     uid = jnp.repeat(tiled["uid"], rl.group_size)
-    rows = rollout_rows(rollout)
-    scores, host_seconds = ctx.scores(frozen_params, uid, rollout, rows)
+    scores, host_seconds = ctx.scores(frozen_params, uid, rollout, rollout_rows(rollout))
     metrics = {"reward/host_seconds": host_seconds}
     group_ids = jnp.repeat(jnp.arange(groups), rl.group_size)
     if rl.oversample > 1:  # on the task rewards: groups that differ only in length carry no signal
-      (rollout, rows, uid), scores, kept = _select_groups((rollout, rows, uid), scores, group_ids, groups,
-                                                          num_prompts, rl.group_size)
+      (rollout, uid), scores, kept = _select_groups((rollout, uid), scores, group_ids, groups, num_prompts,
+                                                    rl.group_size)
       group_ids, metrics["dynamic_sampling/signal_fraction"] = group_ids[:scores.shape[0]], kept
     metrics.update(losses.group_metrics(scores, group_ids, num_prompts))
-    scores, shaping_metrics = shaped_scores(rl, scores, rollout)
-    metrics.update(shaping_metrics)
-
-    floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
-    old, mask, _ = no_grad(ctx.completion_logps, policy, rows, floor)
-    # The reference's full distribution: the floor is the policy's logit, meaningless for another network, and
-    # the KL terms measure KL(pi_sampled || pi_ref).
-    reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
-    ref = no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
-    mask = trained_mask(rl, mask, rollout)
-    metrics.update(_rollout_metrics(rollout, old, mask))
-    metrics["kl"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-    scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, num_prompts)
-    units, unit_metrics = algorithm.units(ctx, state, frozen_params, scored, unit_key)
-    metrics.update(unit_metrics)
-    trainable, opt_state, update_metrics = _update(ctx, state, frozen_params, units, update_key)
-    metrics.update(update_metrics)
-    return TrainState(trainable, opt_state, state.step + 1, rng), metrics
+    trainable, opt_state, learn_metrics = learn(ctx, state, frozen_params, rollout, uid, scores, group_ids,
+                                                (unit_key, update_key))
+    return TrainState(trainable, opt_state, state.step + 1, rng), {**metrics, **learn_metrics}
 
   return step
 
