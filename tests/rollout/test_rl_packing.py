@@ -11,7 +11,8 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.algorithms.online.config import RLConfig
-from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, plan, unpack, with_packing
+from jaxalign.algorithms.online.packing import (pack, packed_or_padded, packed_rows, plan, saves_slots, unpack,
+                                                with_packing)
 from jaxalign.algorithms.online.step import OnlineFns
 from jaxalign.models import CausalLM, ModelConfig, ScalarModel
 
@@ -97,6 +98,7 @@ def test_packed_passes_equal_the_padded_ones_with_gradients(mesh_shape, length):
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:4])
     rows, floor = jax.device_put((rows, floor), sharding.batch_sharding(mesh, 2))
     with sharding.use_mesh(mesh):
+      assert plan(rows["segment_ids"], 0.5).source.shape[:2] == (4, 2)  # 4 shards of 4 rows, 2 packed each
       (padded, _), (packed, metrics), (fallback, fallback_metrics) = run(0.0), run(real + 0.15, length), run(0.2)
   else:
     (padded, _), (packed, metrics), (fallback, fallback_metrics) = run(0.0), run(real + 0.15, length), run(0.2)
@@ -120,8 +122,18 @@ def test_packed_passes_equal_the_padded_ones_with_gradients(mesh_shape, length):
 def test_every_rows_dict_of_a_unit_is_packed_and_one_misfit_falls_back():
   """Online DPO's pairs carry two rows dicts: both pack, and packing applies only when both fit."""
   short, long = rows_of([2] * 4, [2] * 4), rows_of([6] * 4, [6] * 4)
-  tree, fits, _ = with_packing({"chosen": short, "rejected": short}, 0.5)
+  tree, fits = with_packing({"chosen": short, "rejected": short}, 0.5)
   assert bool(fits) and "packing" in tree["chosen"] and "packing" in tree["rejected"]
   assert packed_rows(tree["chosen"], tree["chosen"]["packing"])["input_ids"].shape == (2, PROMPT + NEW)
-  _, fits, _ = with_packing({"chosen": short, "rejected": long}, 0.5)
+  _, fits = with_packing({"chosen": short, "rejected": long}, 0.5)
   assert not bool(fits)
+
+
+def test_whole_row_rounding_that_saves_no_slots_runs_padded():
+  rows = rows_of([2] * 4, [2] * 4)  # 4 rows: 0.9 x 4 rounds up to 4 packed rows of the same length
+  assert not saves_slots((4, PROMPT + NEW), 0.9) and saves_slots((4, PROMPT + NEW), 0.75)
+  carries = lambda tree: jnp.asarray("packing" in tree)
+  out, metrics = packed_or_padded(carries, rows, 0.9)
+  assert not bool(out) and float(metrics["packed_fraction"]) == 0.0
+  out, metrics = packed_or_padded(carries, rows, 0.75)
+  assert bool(out) and float(metrics["packed_fraction"]) == 1.0 and float(metrics["pack_fill"]) == pytest.approx(16 / 36)

@@ -2,21 +2,23 @@
 
 A rollout row [T = P + N] is a left-padded prompt and a right-padded completion, so most of a batch of rows
 is padding when lengths vary. With `rl.pack_ratio` r in (0, 1], the old-policy, reference and update passes
-run on ceil(r x U_s) packed rows of the same length T per batch shard (U_s rows of the batch on that shard):
-rows are placed first-fit, longest first (a `lax.scan`, shard by shard, so no token leaves its shard), as
-documents of a packed row (segment ids 1, 2, ...: no cross-document attention, positions restart). Results
-are read back into the [U, T] row view, so every algorithm's loss sees the arrays it sees padded, equal to
-float rounding.
+run on packed rows of `rl.pack_length` L tokens (default T) holding r x the padded slots of each batch shard,
+rounded up to whole rows: ceil(r x U_s x T / L) rows for the shard's U_s rows. Rows are placed first-fit,
+longest first (a `lax.scan`, shard by shard, so no token leaves its shard), as documents of a packed row
+(segment ids 1, 2, ...: no cross-document attention, positions restart). Results are read back into the
+[U, T] row view, so every algorithm's loss sees the arrays it sees padded, equal to float rounding.
 
-Shapes are static, lengths are not: a batch whose rows do not fit in the packed rows runs padded. The choice
-is a `lax.cond` around the whole pass (`packed_or_padded`), the gradient included, so the backward pass of one
-layout never keeps the residuals of the other. `update/packed_fraction` reports how often packing applied and
-`update/pack_fill` how full the packed rows were; a ratio a little above the mean fill of the padded rows
-(`completions/mean_length` and the prompt lengths tell it) packs nearly every batch.
+Shapes are static, lengths are not: a batch whose rows do not fit in the packed rows (one longer than L, or
+too many tokens) runs padded. The choice is a `lax.cond` around the whole pass (`packed_or_padded`), the
+gradient included, so the backward pass of one layout never keeps the residuals of the other. The step
+reports `packing/{scoring,update}_packed_fraction` (how often packing applied) and `..._pack_fill` (how full
+the rows were). With few rows per shard the rounding to whole rows can leave as many slots as padding (e.g.
+r = 0.9, 4 rows per shard, L = T): such passes run padded, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import sharding
+
+log = logging.getLogger(__name__)
 
 
 class Packing(NamedTuple):
@@ -65,17 +69,29 @@ def _plan_shard(segment_ids: jax.Array, packed_rows: int, length: int) -> tuple[
   return source.reshape(packed_rows, length), docs.reshape(packed_rows, length), dest, jnp.all(ok)
 
 
-def plan(segment_ids: jax.Array, ratio: float, length: int = 0) -> Packing:
-  """The packing of rows [U, T] (segment ids) into rows of `length` L (0: T) holding ratio x the rows' slots
-  per batch shard: ceil(ratio x U_s x T / L) rows."""
-  u, t = segment_ids.shape
+def packed_shape(shape: tuple[int, int], ratio: float, length: int = 0) -> tuple[int, int, int]:
+  """(batch shards S, packed rows per shard M_s, their length L) for rows of `shape` [U, T]: rows of `length`
+  (0: T) holding ratio x the shard's slots, rounded up to whole rows."""
+  u, t = shape
   length = length or t
   shards = sharding.shards("batch", u)
-  per_shard = u // shards
-  seg = sharding.constrain(segment_ids.reshape(shards, per_shard, t), ("batch", None, None))
-  rows = math.ceil(ratio * per_shard * t / length)
+  return shards, math.ceil(ratio * (u // shards) * t / length), length
+
+
+def plan(segment_ids: jax.Array, ratio: float, length: int = 0) -> Packing:
+  """The packing of rows [U, T] (segment ids) into `packed_shape` rows per batch shard."""
+  u, t = segment_ids.shape
+  shards, rows, length = packed_shape((u, t), ratio, length)
+  seg = sharding.constrain(segment_ids.reshape(shards, u // shards, t), ("batch", None, None))
   source, docs, dest, fits = jax.vmap(_plan_shard, in_axes=(0, None, None))(seg, rows, length)
   return Packing(source, docs, dest, jnp.all(fits))
+
+
+def saves_slots(shape: tuple[int, int], ratio: float, length: int = 0) -> bool:
+  """Whether packed rows hold fewer slots than the padded rows [U, T] on each shard (rounding to whole rows
+  per shard can leave as many: e.g. ratio 0.9 with 4 rows per shard)."""
+  shards, rows, length = packed_shape(shape, ratio, length)
+  return rows * length < shape[0] // shards * shape[1]
 
 
 def _by_shard(x: jax.Array, shards: int) -> jax.Array:
@@ -123,29 +139,41 @@ def _is_rows(x) -> bool:
   return isinstance(x, dict) and "segment_ids" in x and "input_ids" in x
 
 
+def _rows_dicts(tree) -> list[dict]:
+  return [x for x in jax.tree.leaves(tree, is_leaf=_is_rows) if _is_rows(x)]
+
+
 def with_packing(tree, ratio: float, length: int = 0):
-  """(tree with a "packing" entry in every rows dict, whether all of them fit, real tokens / packed slots)."""
-  fits, real, slots = [], [], []
+  """(tree with a "packing" entry in every rows dict, whether all of them fit)."""
+  fits = []
 
   def attach(rows):
     packing = plan(rows["segment_ids"], ratio, length)
     fits.append(packing.fits)
-    real.append(jnp.sum(rows["segment_ids"] != 0))
-    slots.append(packing.source.size)
     return {**rows, "packing": packing}
 
   tree = jax.tree.map(lambda x: attach(x) if _is_rows(x) else x, tree, is_leaf=_is_rows)
-  return tree, jnp.all(jnp.stack(fits)), sum(real) / sum(slots)
+  return tree, jnp.all(jnp.stack(fits))
 
 
 def packed_or_padded(fn, tree, ratio: float, length: int = 0):
-  """(fn(tree) on packed rows when all of its rows dicts fit, else on the padded ones; metrics: whether
-  packing applied, and real tokens / packed slots).
+  """(fn(tree) on packed rows when all of its rows dicts fit, else on the padded ones; metrics).
 
   `fn` reads the rows dicts of `tree` through `OnlineFns.completion_logps` / `values`, which run the packed
-  layout when a rows dict carries "packing". ratio 0: padded, no metrics."""
+  layout when a rows dict carries "packing". Metrics: "packed_fraction" (1 when packing applied) and
+  "pack_fill" (real tokens over the slots of the rows the pass ran on). ratio 0: padded, no metrics. When
+  packed rows would not save slots (`saves_slots`), the pass runs padded (a warning at trace time)."""
   if not ratio:
     return fn(tree), {}
-  packed, fits, fill = with_packing(tree, ratio, length)
+  rows = _rows_dicts(tree)
+  real = sum(jnp.sum(r["segment_ids"] != 0) for r in rows)
+  padded_slots = sum(r["segment_ids"].size for r in rows)
+  if not all(saves_slots(r["segment_ids"].shape, ratio, length) for r in rows):
+    log.warning("rl.pack_ratio=%s, rl.pack_length=%s: packed rows would hold as many slots as the padded %s "
+                "per batch shard; this pass runs padded", ratio, length, [r["segment_ids"].shape for r in rows])
+    return fn(tree), {"packed_fraction": jnp.zeros((), jnp.float32), "pack_fill": real / padded_slots}
+  packed, fits = with_packing(tree, ratio, length)
+  packed_slots = sum(math.prod(packed_shape(r["segment_ids"].shape, ratio, length)) for r in rows)
   out = jax.lax.cond(fits, lambda: fn(packed), lambda: fn(tree))
-  return out, {"packed_fraction": fits.astype(jnp.float32), "pack_fill": fill}
+  return out, {"packed_fraction": fits.astype(jnp.float32),
+               "pack_fill": real / jnp.where(fits, packed_slots, padded_slots)}
