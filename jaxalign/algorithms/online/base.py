@@ -25,8 +25,8 @@ class Scored(NamedTuple):
   floor: jax.Array | None  # [R, T-1] logit floor of each row's targets (None: the full distribution)
   uid: jax.Array  # [R] example ids (rule rewards look up gold answers by them)
   scores: jax.Array  # [R] rewards
-  old: jax.Array  # [R, N] old-policy log-probs on the training path
-  ref: jax.Array  # [R, N] reference log-probs (= old without a reference)
+  old: jax.Array | None  # [R, N] old-policy log-probs on the training path (None: no old pass, see needs_old_pass)
+  ref: jax.Array | None  # [R, N] reference log-probs (= old without a reference)
   mask: jax.Array  # [R, N] completion tokens that train (float32)
   group_ids: jax.Array  # [R] the prompt each row answers
   num_groups: int
@@ -38,9 +38,10 @@ class TokenUnits(NamedTuple):
   rows: dict  # [U, T]
   floor: jax.Array | None  # [U, T-1]
   mask: jax.Array  # [U, N]
-  old: jax.Array | None = None  # [U, N]
+  old: jax.Array | None = None  # [U, N] (None: the update's own log-probs, detached)
   ref: jax.Array | None = None  # [U, N]
   adv: jax.Array | None = None  # [U] per sequence or [U, N] per token
+  sampler: jax.Array | None = None  # [U, N] the sampler's log-probs, when no old pass compared them
 
 
 def take(tree, index):
@@ -65,6 +66,17 @@ class Algorithm:
     """Whether the step runs the frozen reference (a KL term as a loss: rl.kl_loss_coef)."""
     del loss_params
     return rl.kl_loss_coef > 0
+
+  def needs_old_pass(self, rl) -> bool:
+    """Whether `units` or the loss read old-policy log-probs that differ from the update's own (detached):
+    else the step skips the old-policy forward pass (Scored.old is None)."""
+    del rl
+    return True
+
+  def update_metrics(self, unit, stats) -> dict:
+    """Metrics of a minibatch that only the update pass can give (e.g. when the old pass was skipped)."""
+    del unit, stats
+    return {}
 
   def check(self, rl, loss_params: dict, prompts: int) -> None:
     """ValueError (one line) for `rl.*` settings this algorithm cannot honour (`prompts` per step)."""
@@ -118,7 +130,8 @@ class TokenAlgorithm(Algorithm):
   def token_batch(self, ctx, policy, unit: TokenUnits, **fields) -> losses.TokenBatch:
     """TokenBatch of `unit` under `policy`: log-probs (and entropies when the bonus needs them)."""
     logps, _, entropy = ctx.completion_logps(policy, unit.rows, unit.floor, entropy=self.needs_entropy(ctx))
-    return losses.TokenBatch(logps=logps, mask=unit.mask, old_logps=unit.old, ref_logps=unit.ref,
+    old = jax.lax.stop_gradient(logps) if unit.old is None else unit.old
+    return losses.TokenBatch(logps=logps, mask=unit.mask, old_logps=old, ref_logps=unit.ref,
                              advantages=unit.adv, entropy=entropy, **fields)
 
 
@@ -142,6 +155,15 @@ class PolicyGradient(TokenAlgorithm):
 
   def uses_reference(self, rl, loss_params: dict) -> bool:
     return super().uses_reference(rl, loss_params) or (self.kl_in_reward and rl.kl_coef > 0)
+
+  def needs_old_pass(self, rl) -> bool:
+    # One optimiser step per rollout: pi_old is the policy being updated (TRL and Tunix skip the pass too).
+    return rl.epochs * rl.minibatches > 1 or rl.is_cap > 0 or self.kl_in_reward
+
+  def update_metrics(self, unit, stats) -> dict:
+    if getattr(unit, "sampler", None) is None:
+      return {}
+    return mismatch_metrics(jax.lax.stop_gradient(stats.logps), unit.sampler, unit.mask)
 
   def advantages(self, ctx, state, frozen_params, s: Scored, key) -> tuple[jax.Array, dict]:
     """(advantages [R] or [R, N], metrics)."""
@@ -171,7 +193,15 @@ def token_units(rl, s: Scored, advantages) -> TokenUnits:
   if rl.is_cap:
     weight = jnp.minimum(jnp.exp(s.old - s.rollout.logprobs), rl.is_cap) * s.mask
     advantages = (advantages[:, None] if advantages.ndim == 1 else advantages) * jax.lax.stop_gradient(weight)
-  return TokenUnits(rows=s.rows, floor=s.floor, mask=s.mask, old=s.old, ref=s.ref, adv=advantages)
+  sampler = s.rollout.logprobs if s.old is None else None  # compared in the update (`update_metrics`)
+  return TokenUnits(rows=s.rows, floor=s.floor, mask=s.mask, old=s.old, ref=s.ref, adv=advantages, sampler=sampler)
+
+
+def mismatch_metrics(logps, sampler, mask) -> dict:
+  """How far the training path's log-probs [R, N] are from the sampler's on the `mask`ed tokens."""
+  gap = jnp.abs(logps - sampler) * mask
+  return {"rollout/logprob_mismatch_max": jnp.max(gap),
+          "rollout/logprob_mismatch_mean": jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1.0)}
 
 
 def group_best(scores: jax.Array, group_size: int, trains: jax.Array):

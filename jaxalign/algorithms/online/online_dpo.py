@@ -33,6 +33,9 @@ class OnlineDPO(Algorithm):
   def units_per_prompt(self, rl) -> int:
     return 1
 
+  def needs_old_pass(self, rl) -> bool:
+    return False  # the DPO loss compares the policy with the reference only
+
   def check(self, rl, loss_params: dict, prompts: int) -> None:
     super().check(rl, loss_params, prompts)
     if rl.entropy_coef or rl.kl_loss_coef:

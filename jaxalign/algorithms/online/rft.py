@@ -16,8 +16,11 @@ class RFT(TokenAlgorithm):
     trains = jnp.any(s.mask > 0, -1)
     best, _, _ = group_best(s.scores, ctx.rl.group_size, trains)
     keep = ((s.scores[best] >= ctx.rl.rft_threshold) & trains[best]).astype(jnp.float32)
-    units = TokenUnits(rows=take(s.rows, best), floor=None, mask=s.mask[best] * keep[:, None], ref=s.ref[best])
+    units = TokenUnits(rows=take(s.rows, best), floor=None, mask=s.mask[best] * keep[:, None], ref=take(s.ref, best))
     return units, {"rft/accept_rate": jnp.mean(keep)}
+
+  def needs_old_pass(self, rl) -> bool:
+    return False  # the SFT loss on the kept samples
 
   def units_per_prompt(self, rl) -> int:
     return 1

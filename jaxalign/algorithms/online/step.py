@@ -20,7 +20,7 @@ from flax import nnx
 from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
 from jaxalign.algorithms.forward import loss_targets, token_logps
-from jaxalign.algorithms.online.base import Algorithm, Scored, take
+from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
 from jaxalign.algorithms.online.config import RLConfig
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
 from jaxalign.algorithms.step import StepFns, TrainState
@@ -152,7 +152,8 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
 
   def loss_fn(trainable, unit):
     stats = algorithm.stats(ctx, ctx.policy(trainable, frozen_params), trainable, unit)
-    return algorithm.loss_fn(ctx, stats, algorithm.counts(ctx, stats, size))
+    loss, metrics = algorithm.loss_fn(ctx, stats, algorithm.counts(ctx, stats, size))
+    return loss, {**metrics, **algorithm.update_metrics(unit, stats)}
 
   def one_step(carry, index):
     trainable, opt_state = carry
@@ -168,12 +169,9 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
   return trainable, opt_state, {k: jnp.mean(v) for k, v in metrics.items()}
 
 
-def _rollout_metrics(rollout, old, mask) -> dict:
-  gap = jnp.abs(old - rollout.logprobs) * rollout.mask
+def _rollout_metrics(rollout, mask) -> dict:
   tokens = jnp.maximum(jnp.sum(rollout.mask), 1.0)
-  return {"rollout/logprob_mismatch_max": jnp.max(gap),
-          "rollout/logprob_mean": jnp.sum(rollout.logprobs * rollout.mask) / tokens,
-          "rollout/logprob_mismatch_mean": jnp.sum(gap) / tokens,
+  return {"rollout/logprob_mean": jnp.sum(rollout.logprobs * rollout.mask) / tokens,
           "completions/mean_length": jnp.mean(jnp.sum(rollout.mask, -1)),
           "completions/clipped_ratio": 1.0 - jnp.mean(rollout.finished.astype(jnp.float32)),
           "completions/trained_tokens": jnp.sum(mask)}
@@ -192,17 +190,23 @@ def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores
   floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
   reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
 
+  old_pass = algorithm.needs_old_pass(rl)
+
   def old_and_reference(rows):
-    old, mask, _ = no_grad(ctx.completion_logps, policy, rows, floor)
+    old = no_grad(ctx.completion_logps, policy, rows, floor)[0] if old_pass else None
     # The reference's full distribution: the floor is the policy's logit, meaningless for another network,
     # and the KL terms measure KL(pi_sampled || pi_ref).
-    return old, mask, no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
+    return old, no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
 
-  (old, mask, ref), packing = packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
+  (old, ref), packing = (packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
+                         if old_pass or reference is not None else ((None, None), {}))
   metrics.update({f"packing/scoring_{k}": v for k, v in packing.items()})
-  mask = trained_mask(rl, mask, rollout)
-  metrics.update(_rollout_metrics(rollout, old, mask))
-  metrics["kl"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  mask = trained_mask(rl, loss_targets(rows)[1][:, -rl.max_new_tokens:], rollout)
+  metrics.update(_rollout_metrics(rollout, mask))
+  if old is not None:
+    metrics.update(mismatch_metrics(old, rollout.logprobs, rollout.mask))
+    if reference is not None:  # the sampled tokens' k1 to the reference (a loss's own "kl" is its estimate)
+      metrics["rollout/kl_k1"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
   scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, scores.shape[0] // rl.group_size)
   units, unit_metrics = algorithm.units(ctx, state, frozen_params, scored, keys[0])
