@@ -13,9 +13,7 @@ The peer runs in its own virtual environment on the same saved HF model and the 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 
@@ -26,6 +24,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from model_throughput import PRESETS, matmul_rate, time_call  # noqa: E402
+from versus import run_peer  # noqa: E402
 
 from jaxalign import sharding  # noqa: E402
 from jaxalign.algorithms.objectives import objective_for  # noqa: E402
@@ -74,16 +73,6 @@ def jaxalign_step_time(cfg: ModelConfig, batch: dict, repeats: int, impl: str, m
     return time_call(one, repeats=repeats)
 
 
-def peer_step_time(python: str, model_dir: pathlib.Path, args) -> dict:
-  script = pathlib.Path(__file__).parent / "peers" / "trl_dpo.py"
-  cmd = [python, str(script), str(model_dir), str(args.pairs), str(args.prompt_len), str(args.response_len),
-         str(args.repeats)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if out.returncode:
-    raise SystemExit(f"peer failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=PRESETS, default="tiny")
@@ -98,7 +87,7 @@ def main():
   parser.add_argument("--impl", default="auto", help="token_logprobs implementation")
   parser.add_argument("--remat", default=ModelConfig.remat, help="decoder block rematerialisation policy")
   parser.add_argument("--scan-layers", action="store_true", help="scan over stacked layers")
-  parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_dpo.py)")
+  parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_run.py)")
   args = parser.parse_args()
 
   preset = dict(PRESETS[args.preset])
@@ -127,8 +116,10 @@ def main():
   if args.peer_python:
     with tempfile.TemporaryDirectory() as tmp:
       save_hf(CausalLM(cfg, rngs=nnx.Rngs(0)), cfg, pathlib.Path(tmp) / "model", tokenizer=digits_tokenizer())
-      peer = peer_step_time(args.peer_python, pathlib.Path(tmp) / "model", args)
-    print(f"| TRL {peer['version']} DPOTrainer | {peer['seconds'] * 1e3:.1f} | {tokens / peer['seconds']:,.0f} | "
+      shape = {"pairs": args.pairs, "prompt": args.prompt_len, "response": args.response_len,
+               "steps": args.repeats + 2}
+      peer = run_peer(args.peer_python, "trl", "dpo", pathlib.Path(tmp) / "model", shape)
+    print(f"| {peer['peer']} DPOTrainer | {peer['seconds'] * 1e3:.1f} | {tokens / peer['seconds']:,.0f} | "
           f"{flops / peer['seconds'] / rate:.1%} | n/a |")
     print(f"\njaxalign / TRL throughput: {peer['seconds'] / seconds:.2f}x")
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from model_throughput import PRESETS, time_call  # noqa: E402
+from versus import run_peer  # noqa: E402
 
 from jaxalign import sharding  # noqa: E402
 from jaxalign.algorithms import online  # noqa: E402
@@ -66,7 +65,7 @@ def main():
   parser.add_argument("--group", type=int, default=4)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_grpo.py)")
+  parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_run.py)")
   args = parser.parse_args()
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +78,8 @@ def main():
     gen = jax.jit(lambda state, key: of.generate(policy_of(state), prompts, key, args.group))
     rollout = gen(run.state, jax.random.PRNGKey(0))
     rows = online.rollout_rows(rollout)
-    score = jax.jit(lambda state: (of.completion_logps(policy_of(state), rows, None)[0],
+    old_pass = of.algorithm.needs_old_pass(cfg.rl)  # one optimiser step per rollout: the step skips it
+    score = jax.jit(lambda state: (of.completion_logps(policy_of(state), rows, None)[0] if old_pass else None,
                                    of.completion_logps(run.fns.reference(run.frozen), rows, None)[0]))
     step = jax.jit(run.train_fn)
     with sharding.use_mesh(run.mesh):
@@ -111,7 +111,7 @@ def main():
     print(f"| decode tokens/s | {tokens / t_gen:,.0f} |")
     print(f"| generate time / memory-bound floor | {t_gen * 1e3:.1f} ms / {floor * 1e3:.1f} ms = {t_gen / floor:.1f}x |")
     print(f"| step: generate | {t_gen * 1e3:.1f} ms ({t_gen / t_step:.0%}) |")
-    print(f"| step: score (reward {host * 1e3:.1f} ms on host + old/ref log-probs) | "
+    print(f"| step: score (reward {host * 1e3:.1f} ms on host + {'old/' if old_pass else ''}ref log-probs) | "
           f"{(t_score + host) * 1e3:.1f} ms ({(t_score + host) / t_step:.0%}) |")
     update = t_step - t_gen - t_score - host
     print(f"| step: update (remainder) | {update * 1e3:.1f} ms ({update / t_step:.0%}) |")
@@ -119,21 +119,16 @@ def main():
     if args.peer_python:
       model_dir = pathlib.Path(tmp) / "model"
       save_hf(nnx.merge(run.fns.graphdef, run.state.trainable), mcfg, model_dir, tokenizer=run.tokenizer)
-      hf = peer(args.peer_python, "hf_generate.py", model_dir, num_rows, prompt_length, args.new_tokens, args.repeats)
-      print(f"| HF transformers {hf['version']} generate, same rows | {hf['seconds'] * 1e3:.1f} ms = "
+      steps = args.repeats + 2
+      hf = run_peer(args.peer_python, "trl", "decode", model_dir,
+                    {"rows": num_rows, "prompt": prompt_length, "new_tokens": args.new_tokens, "steps": steps})
+      print(f"| HF {hf['peer']} generate, same rows | {hf['seconds'] * 1e3:.1f} ms = "
             f"{tokens / hf['seconds']:,.0f} tokens/s (jaxalign decode {hf['seconds'] / t_gen:.2f}x faster) |")
-      trl = peer(args.peer_python, "trl_grpo.py", model_dir, args.prompts, args.group, args.new_tokens, args.repeats)
-      print(f"| TRL {trl['version']} GRPOTrainer step | {trl['seconds'] * 1e3:.1f} ms "
+      trl = run_peer(args.peer_python, "trl", "grpo", model_dir,
+                     {"prompts": args.prompts, "group": args.group, "prompt": prompt_length,
+                      "new_tokens": args.new_tokens, "steps": steps, "beta": 0.04})
+      print(f"| {trl['peer']} GRPOTrainer step | {trl['seconds'] * 1e3:.1f} ms "
             f"(jaxalign {trl['seconds'] / t_step:.2f}x faster) |")
-
-
-def peer(python: str, script: str, *args) -> dict:
-  """Run bench/peers/<script> with the peer's python; its last stdout line is JSON."""
-  path = pathlib.Path(__file__).parent / "peers" / script
-  out = subprocess.run([python, str(path), *map(str, args)], capture_output=True, text=True)
-  if out.returncode:
-    raise SystemExit(f"peer {script} failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
