@@ -64,6 +64,10 @@ class OnlineFns:
       scores = scores + self.rl.reward_model_weight * last_token_values(values, rows["segment_ids"] != 0)
     return scores, seconds
 
+  def completion_mask(self, rows) -> jax.Array:
+    """The completion tokens [R, N] of training rows (float32), as `completion_logps` returns them."""
+    return loss_targets(rows)[1][:, -self.rl.max_new_tokens:]
+
   def completion_logps(self, model, rows, floor, *, entropy: bool = False):
     """Log-probs [R, N] of the completion tokens (positions P-1 .. P+N-2 of the row), their mask, and the
     entropies [R, N] (None unless asked), renormalised over the sampled set where `floor` [R, T-1] says.
@@ -75,10 +79,9 @@ class OnlineFns:
     else:
       floor = None if floor is None else pack(floor, packing, -jnp.inf, targets=True)
       out = token_logps(model, packed_rows(rows, packing), logit_floor=floor, **kwargs)
-      out = (unpack(out[0], packing, targets=True), loss_targets(rows)[1],
-             *(unpack(x, packing, targets=True) for x in out[2:]))
+      out = (unpack(out[0], packing, targets=True), None, *(unpack(x, packing, targets=True) for x in out[2:]))
     n = self.rl.max_new_tokens
-    return out[0][:, -n:], out[1][:, -n:], out[2][:, -n:] if entropy else None
+    return out[0][:, -n:], self.completion_mask(rows), out[2][:, -n:] if entropy else None
 
   def generate(self, policy, prompts: dict, key, group_size: int, sampling: SamplingConfig | None = None):
     """Rollout of `group_size` samples of each prompt (one prefill per prompt), on the policy's weights
@@ -201,7 +204,7 @@ def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores
   (old, ref), packing = (packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
                          if old_pass or reference is not None else ((None, None), {}))
   metrics.update({f"packing/scoring_{k}": v for k, v in packing.items()})
-  mask = trained_mask(rl, loss_targets(rows)[1][:, -rl.max_new_tokens:], rollout)
+  mask = trained_mask(rl, ctx.completion_mask(rows), rollout)
   metrics.update(_rollout_metrics(rollout, mask))
   if old is not None:
     metrics.update(mismatch_metrics(old, rollout.logprobs, rollout.mask))
