@@ -135,9 +135,10 @@ def run_grpo(run, shape: dict) -> dict:
   rows = online.rollout_rows(rollout)
   uid = jnp.repeat(prompts["uid"], group)
   old_pass = ctx.algorithm.needs_old_pass(ctx.rl)  # one optimiser step per rollout: the step skips it
+  logps = ctx.with_shared_prompts().completion_logps  # as the step runs them: each prompt once per group
   score = jax.jit(lambda state: (ctx.scores(run.frozen, uid, rollout, rows)[0],
-                                 ctx.completion_logps(policy(state), rows, None)[0] if old_pass else None,
-                                 ctx.completion_logps(ctx.fns.reference(run.frozen), rows, None)[0]))
+                                 logps(policy(state), rows, None)[0] if old_pass else None,
+                                 logps(ctx.fns.reference(run.frozen), rows, None)[0]))
   parts = {"generate": statistics.median(timed(lambda: generate(run.state, jax.random.key(1)), shape["steps"])[WARMUP:]),
            "score": statistics.median(timed(lambda: score(run.state), shape["steps"])[WARMUP:])}
   holder = {"state": jax.tree.map(jnp.copy, run.state)}

@@ -35,6 +35,34 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "au
   """
   targets, mask = loss_targets(batch)
   hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])[:, :-1]  # [R, T-1, D]
+  return _with_mask(_head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor), mask)
+
+
+def shared_prompt_token_logps(model, batch: dict, prompt_length: int, group: int, *, temperature: float = 1.0,
+                              impl: str = "auto", return_entropy: bool = False,
+                              logit_floor: jax.Array | None = None):
+  """`token_logps` at the completion targets of rows [R, T] whose first `prompt_length` (P) tokens are a
+  left-padded prompt shared by `group` consecutive rows (a GRPO group): each prompt runs through the model
+  once (`CausalLM.shared_prefix_hidden_states`), not `group` times. Equal to `token_logps(...)[..., P-1:]`:
+  log-probs [R, T-P] of tokens P .. T-1, their mask (, entropies); logit_floor [R, T-P].
+  """
+  targets, mask = (x[:, prompt_length - 1:] for x in loss_targets(batch))
+  ids, seg = batch["input_ids"], batch["segment_ids"]
+  prompt, prompt_seg = ids[::group, :prompt_length], seg[::group, :prompt_length]
+  hidden_p, hidden_s = model.shared_prefix_hidden_states(prompt, prompt_seg, ids[:, prompt_length:],
+                                                         seg[:, prompt_length:])
+  # Token P is predicted from the prompt's last position, token P + j from the completion's position j - 1.
+  hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], group, axis=0), hidden_s[:, :-1]], axis=1)
+  return _with_mask(_head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor), mask)
+
+
+def _with_mask(out, mask):
+  """(logps, mask) or (logps, mask, entropy) from the head's logps or (logps, entropy)."""
+  return (out[0], mask, out[1]) if isinstance(out, tuple) else (out, mask)
+
+
+def _head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor):
+  """The LM head's log-probs of targets [R, W] at hidden states [R, W, D] (and entropies [R, W])."""
   r, t, d = hidden.shape
   # The head in the compute dtype, like every other weight: a float32-master policy and its compute-dtype
   # frozen reference then give identical log-probs at identical weights.
@@ -43,9 +71,8 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "au
   out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1), temperature=temperature,
                            logit_floor=floor, return_entropy=return_entropy, impl=impl)
   if return_entropy:
-    logps, entropy = out
-    return logps.reshape(r, t), mask, entropy.reshape(r, t)
-  return out.reshape(r, t), mask
+    return out[0].reshape(r, t), out[1].reshape(r, t)
+  return out.reshape(r, t)
 
 
 def sequence_logps(model, batch: dict, **kwargs) -> tuple[jax.Array, jax.Array]:

@@ -44,27 +44,35 @@ def cache_mask_info(q_positions: jax.Array, k_positions: jax.Array, k_valid: jax
   return MaskInfo(q_positions.astype(jnp.int32), ones, k_positions.astype(jnp.int32), k_valid.astype(jnp.int32))
 
 
-# One layer's KV cache: {"k": [B, S, K, H], "v": [B, S, K, H]} in the cache dtype, S = cache length.
+# One layer's KV cache: {"k": [B, K, S, H], "v": [B, K, S, H]} in the cache dtype, S = cache length. Heads
+# before slots: the attention dots batch over (B, K), so their operands need no transposed copy of the cache
+# (XLA:CPU copied the whole [B, S, K, H] cache at every decode step to get there).
 LayerCache = dict[str, jax.Array]
 
 
 def cache_axes() -> tuple[str, str, str, str]:
-  """Logical names of a KV cache [B, S, K, H]. Its rows are "cache_batch" where the active rules name it
+  """Logical names of a KV cache [B, K, S, H]. Its rows are "cache_batch" where the active rules name it
   (the decode layout, `jaxalign.rollout.decode_layout`, splits the cache's rows apart from the
   activations' to spread it over devices its K heads cannot use), else "batch" like every activation."""
   rules = sharding.active_rules()
   rows = "cache_batch" if rules is not None and "cache_batch" in dict(rules) else "batch"
-  return (rows, "seq", "kv_heads", "head_dim")
+  return (rows, "kv_heads", "seq", "head_dim")
+
+
+def cache_slot_axes() -> tuple[str, str]:
+  """Logical names of the cache's per-slot arrays [B, S] (positions, valid): its rows and slots."""
+  rows, _, slots, _ = cache_axes()
+  return (rows, slots)
 
 
 def _write(cache: jax.Array, entries: jax.Array, index: jax.Array, layer: jax.Array | None,
            names: tuple[str, ...]) -> jax.Array:
-  """cache [B, S, K, H] (or [L, B, S, K, H] with `layer`) with entries [B, T, K, H] at slots
+  """cache [B, K, S, H] (or [L, B, K, S, H] with `layer`) with entries [B, T, K, H] at slots
   [index, index + T) (of that layer), constrained to the cache's logical `names`."""
-  entries = entries.astype(cache.dtype)
+  entries = jnp.swapaxes(entries, 1, 2).astype(cache.dtype)  # [B, K, T, H]
   if layer is None:
-    return sharding.constrain(jax.lax.dynamic_update_slice(cache, entries, (0, index, 0, 0)), names)
-  updated = jax.lax.dynamic_update_slice(cache, entries[None], (layer, 0, index, 0, 0))
+    return sharding.constrain(jax.lax.dynamic_update_slice(cache, entries, (0, 0, index, 0)), names)
+  updated = jax.lax.dynamic_update_slice(cache, entries[None], (layer, 0, 0, index, 0))
   return sharding.constrain(updated, (None, *names))
 
 
@@ -90,13 +98,30 @@ class Attention(nnx.Module):
     """x [B, T, D], rotary tables [B, T, H], mask over T keys, window (int, traced int or None) -> [B, T, D]."""
     return self._attend(*self._qkv(x, cos, sin), mask, window)
 
+  def shared_prefix(self, x: tuple, cos: tuple, sin: tuple, mask: tuple, window=None) -> tuple:
+    """Prefixes and the suffixes that continue them, each prefix computed once (`Decoder.shared_prefix`).
+
+    x: (prefixes [G, P, D], suffixes [G*n, S, D]: rows g*n .. g*n+n-1 continue prefix g); cos, sin, mask:
+    the same pairs (the prefixes' self-attention mask, the suffixes' over their prefix's P keys and their own
+    S). -> (out [G, P, D], out [G*n, S, D]).
+    """
+    (qp, kp, vp), (qs, ks, vs) = self._qkv(x[0], cos[0], sin[0]), self._qkv(x[1], cos[1], sin[1])
+    group = x[1].shape[0] // x[0].shape[0]
+
+    def with_prefix(prefix, own):  # [G*n, P + S, K, H]: each suffix row's prefix keys / values, then its own
+      keys = jnp.concatenate([jnp.repeat(prefix, group, axis=0), own], axis=1)
+      return sharding.constrain(keys, ("batch", "seq", "kv_heads", "head_dim"))
+
+    return (self._attend(qp, kp, vp, mask[0], window),
+            self._attend(qs, with_prefix(kp, ks), with_prefix(vp, vs), mask[1], window))
+
   def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo, cache: LayerCache,
              index: jax.Array, window=None, layer: jax.Array | None = None) -> tuple[LayerCache, jax.Array]:
     """Cached attention: write this call's keys/values at cache slots [index, index + T), then attend.
 
     x [B, T, D], rotary tables [B, T, H], mask over the S cache slots (`cache_mask_info`),
-    cache {"k", "v"} [B, S, K, H], index [] int32. Returns (new_cache, out [B, T, D]).
-    layer: with every layer's cache stacked {"k", "v"} [L, B, S, K, H] (scan_layers), this layer's
+    cache {"k", "v"} [B, K, S, H], index [] int32. Returns (new_cache, out [B, T, D]).
+    layer: with every layer's cache stacked {"k", "v"} [L, B, K, S, H] (scan_layers), this layer's
     index: only the new entries are written into the stack (in place) and the layer's slice is read.
     """
     names = cache_axes()
@@ -110,7 +135,9 @@ class Attention(nnx.Module):
       key, value = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, 0, keepdims=False) for name in "kv")
     else:
       key, value = new_cache["k"], new_cache["v"]
+    key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)  # [B, S, K, H] views for the attention op
     if layout is not None:
+      layout = (layout[0], layout[2], layout[1], layout[3])  # [B, T, N, H] like the keys
       q = sharding.constrain(q, layout)
     return new_cache, self._attend(q, key, value, mask, window, layout)
 

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.models import layer_stack
-from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_axes, cache_mask_info,
+from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_axes, cache_mask_info, cache_slot_axes,
                                       sequence_mask_info)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Dense, Embed, RMSNorm
@@ -43,17 +43,22 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, cos, sin, mask: MaskInfo, window=None):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, window)
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+    return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, mask, window))
 
   def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None,
              layer=None) -> tuple[LayerCache, jax.Array]:
     """The block with a KV cache (see `Attention.decode`, also for `layer`). Returns (new_cache, x [B, T, D])."""
     cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window, layer)
-    x = x + attn
+    return cache, self._mlp(x + attn)
+
+  def shared_prefix(self, x: tuple, cos: tuple, sin: tuple, mask: tuple, window=None) -> tuple:
+    """The block on (prefixes, suffixes) pairs (see `Attention.shared_prefix`)."""
+    attn = self.self_attn.shared_prefix(tuple(self.input_layernorm(part) for part in x), cos, sin, mask, window)
+    return tuple(self._mlp(part + a) for part, a in zip(x, attn))
+
+  def _mlp(self, x):
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return cache, sharding.constrain(x, ("batch", "seq", "act_embed"))
+    return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
 
 def default_positions(segment_ids: jax.Array) -> jax.Array:
@@ -72,15 +77,15 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
 #   "index":     [] int32, the next cache slot to write (all rows write the same slots);
 #   "positions": [B, S] int32, the position id of the token in each slot;
 #   "valid":     [B, S] bool, whether the slot holds a real token (False: empty or padding);
-#   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, S, K, H]) per layer, or with scan_layers
-#                one {"k", "v"} [L, B, S, K, H] (see `layer_stack.init_layer_caches`).
+#   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, K, S, H]) per layer, or with scan_layers
+#                one {"k", "v"} [L, B, K, S, H] (see `layer_stack.init_layer_caches`).
 Cache = dict
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   """An empty cache for `batch` rows of up to `max_len` (S) tokens; dtype defaults to cfg.dtype."""
   dtype = cfg.compute_dtype if dtype is None else dtype
-  kv = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.head_size), dtype)  # [B, S, K, H]
+  kv = jnp.zeros((batch, cfg.num_kv_heads, max_len, cfg.head_size), dtype)  # [B, K, S, H]
   kv = sharding.constrain(kv, cache_axes())
   return {
     "index": jnp.zeros((), jnp.int32),
@@ -115,6 +120,35 @@ class Decoder(nnx.Module):
     x = layer_stack.forward(self.layers, cfg, self._embed(input_ids), cos, sin, sequence_mask_info(segment_ids))
     return self.norm(x)
 
+  def shared_prefix(self, prefix_ids: jax.Array, prefix_segment_ids: jax.Array, suffix_ids: jax.Array,
+                    suffix_segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows that share a prefix, with each prefix computed once: row r is prefix r // n followed by suffix r.
+
+    prefix_ids, prefix_segment_ids [G, P]: left-padded (0 = padding); suffix_ids, suffix_segment_ids [G*n, S]:
+    right-padded, rows g*n .. g*n+n-1 continue prefix g. Each suffix token sees its prefix's tokens and the
+    tokens of its own suffix up to itself, at positions continuing the prefix's: the hidden states equal those
+    of the [G*n, P+S] rows (prefix repeated) at n-fold less prefix compute.
+    Returns the final-norm hidden states (prefixes [G, P, D], suffixes [G*n, S, D]).
+    """
+    cfg = self.config
+    group = suffix_ids.shape[0] // prefix_ids.shape[0]
+    prefix_seg = (prefix_segment_ids != 0).astype(jnp.int32)
+    suffix_seg = (suffix_segment_ids != 0).astype(jnp.int32)
+    prefix_pos = default_positions(prefix_seg)
+    start = jnp.repeat(jnp.sum(prefix_seg, axis=1, dtype=jnp.int32), group)  # [G*n] each suffix's first position
+    suffix_pos = start[:, None] + jnp.arange(suffix_ids.shape[1], dtype=jnp.int32)  # [G*n, S]
+    inv_freq = inverse_frequencies(cfg.rope, cfg.head_size)
+    (cos_p, sin_p), (cos_s, sin_s) = rotary_tables(prefix_pos, inv_freq), rotary_tables(suffix_pos, inv_freq)
+    repeat = lambda x: jnp.repeat(x, group, axis=0)
+    # Keys of a suffix row: its prefix's P tokens, then its own S; the causal rule runs on positions, which
+    # grow from the prefix into the suffix.
+    suffix_mask = MaskInfo(suffix_pos, suffix_seg, jnp.concatenate([repeat(prefix_pos), suffix_pos], axis=1),
+                           jnp.concatenate([repeat(prefix_seg), suffix_seg], axis=1))
+    x = layer_stack.forward(self.layers, cfg, (self._embed(prefix_ids), self._embed(suffix_ids)),
+                            (cos_p, cos_s), (sin_p, sin_s), (sequence_mask_info(prefix_seg), suffix_mask),
+                            method="shared_prefix")
+    return self.norm(x[0]), self.norm(x[1])
+
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: Cache,
              segment_ids: jax.Array | None = None) -> tuple[Cache, jax.Array]:
     """Run T new tokens against the cache and append them at slots [index, index + T).
@@ -134,8 +168,8 @@ class Decoder(nnx.Module):
                                          cache["layers"], index)
     new_cache = {
       "index": index + input_ids.shape[1],
-      "positions": sharding.constrain(k_positions, cache_axes()[:2]),
-      "valid": sharding.constrain(k_valid, cache_axes()[:2]),
+      "positions": sharding.constrain(k_positions, cache_slot_axes()),
+      "valid": sharding.constrain(k_valid, cache_slot_axes()),
       "layers": layer_caches,
     }
     return new_cache, self.norm(x)
@@ -161,6 +195,11 @@ class CausalLM(nnx.Module):
   def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
     """Final-norm hidden states [B, T, D]."""
     return self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+
+  def shared_prefix_hidden_states(self, prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids):
+    """Final-norm hidden states of prefixes [G, P, D] and of the suffixes continuing them [G*n, S, D]
+    (see `Decoder.shared_prefix`)."""
+    return self.model.shared_prefix(prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache for `decode` (see `Cache`): `batch` rows, `max_len` slots."""

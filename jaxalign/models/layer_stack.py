@@ -62,8 +62,8 @@ def _windows(cfg: ModelConfig):
   return None, jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
 
-def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = True):
-  """apply(params, x, cos, sin, mask, window) -> x for one block, rematerialised by `policy`.
+def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = True, method: str = "__call__"):
+  """apply(params, x, cos, sin, mask, window) -> x for one block's `method`, rematerialised by `policy`.
 
   The window is a static int/None, or (static_window=False) a traced per-layer window from a scan.
   Outside a scan XLA would merge the recomputation with the original forward (CSE) and keep the
@@ -71,24 +71,25 @@ def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = Tru
   """
 
   def apply(params, x, cos, sin, mask, window):
-    return nnx.merge(graphdef, params)(x, cos, sin, mask, window)
+    return getattr(nnx.merge(graphdef, params), method)(x, cos, sin, mask, window)
 
   if policy is None:
     return apply
   return jax.checkpoint(apply, policy=policy, prevent_cse=not in_scan, static_argnums=(5,) if static_window else ())
 
 
-def forward(layers, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo) -> jax.Array:
-  """x [B, T, D] through every block (loop or scan). `layers`: nnx.List of blocks, or one stacked block."""
+def forward(layers, cfg: ModelConfig, x, cos, sin, mask, method: str = "__call__"):
+  """x [B, T, D] through every block (loop or scan). `layers`: nnx.List of blocks, or one stacked block.
+  method: the blocks' method; "shared_prefix" takes (prefixes, suffixes) pairs of x, cos, sin and mask."""
   policy = remat_policy(cfg.remat)
   if not cfg.scan_layers:
     for i, block in enumerate(layers):
       graphdef, params = nnx.split(block)
-      x = _block_fn(graphdef, policy)(params, x, cos, sin, mask, cfg.layer_window(i))
+      x = _block_fn(graphdef, policy, method=method)(params, x, cos, sin, mask, cfg.layer_window(i))
     return x
   graphdef, params = nnx.split(layers)
   static_window, windows = _windows(cfg)
-  apply = _block_fn(graphdef, policy, in_scan=True, static_window=windows is None)
+  apply = _block_fn(graphdef, policy, in_scan=True, static_window=windows is None, method=method)
 
   def body(x, layer):
     params_i, *window_i = layer
@@ -98,7 +99,7 @@ def forward(layers, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Arr
 
 
 def init_layer_caches(cfg: ModelConfig, kv: jax.Array):
-  """Per-layer caches: a tuple of {"k", "v"} [B, S, K, H] (loop), or one {"k", "v"} [L, B, S, K, H] (scan)."""
+  """Per-layer caches: a tuple of {"k", "v"} [B, K, S, H] (loop), or one {"k", "v"} [L, B, K, S, H] (scan)."""
   if cfg.scan_layers:
     stacked = jnp.broadcast_to(kv, (cfg.num_layers, *kv.shape))
     return {"k": stacked, "v": stacked}
@@ -117,11 +118,11 @@ def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, cac
   static_window, windows = _windows(cfg)
 
   def body(carry, layer):
-    x, caches = carry  # {"k", "v"} [L, B, S, K, H]
+    x, caches = carry  # {"k", "v"} [L, B, K, S, H]
     i, params_i, *window_i = layer
     block = nnx.merge(graphdef, params_i)
     # Layer i writes only its new entries into the stack and reads its own slice: slicing the layer's
-    # [B, S, K, H] out and writing all of it back made XLA copy the whole stacked cache every step.
+    # [B, K, S, H] out and writing all of it back made XLA copy the whole stacked cache every step.
     caches, x = block.decode(x, cos, sin, mask, caches, index, window_i[0] if window_i else static_window, layer=i)
     return (x, caches), None
 

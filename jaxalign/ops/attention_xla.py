@@ -79,7 +79,10 @@ def naive_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, *, scale, softc
   s = jnp.where(mask, s, jnp.finfo(F32).min)
   # A row with no visible key is uniform here; the mask product makes it 0 (finite gradients).
   p = jax.nn.softmax(s, axis=-1) * mask  # [B, K, G, T, S]
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=F32)
+  if t == 1:  # a decode step: XLA:CPU runs this order (batch dims major) as a fast matmul, [B, T, ...] as a slow one
+    out = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v, preferred_element_type=F32).transpose(0, 3, 1, 2, 4)
+  else:
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v, preferred_element_type=F32)
   return out.reshape(b, t, n, h).astype(q.dtype)
 
 

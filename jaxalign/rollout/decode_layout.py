@@ -82,7 +82,7 @@ def decode_rules(rules: sharding.Rules, mesh, kv_heads: int | None = None) -> sh
     contracts a replicated activation with its local weight shard (an all-reduce after o_proj / down_proj).
   - "batch" -> the data-parallel axes only: activations are replicated over TP (batch-sharding them over
     TP would make XLA gather weights to keep the rows apart).
-  - "cache_batch" (the rows of the KV cache [B, S, K, H], of its ("cache_batch", "seq", "kv_heads",
+  - "cache_batch" (the rows of the KV cache [B, K, S, H], of its ("cache_batch", "kv_heads", "seq",
     "head_dim") names, see `jaxalign.models.attention.cache_axes`) -> data-parallel axes plus the TP
     axes the K heads cannot use, so the cache splits over all devices: with K = 8 on an 8-device group
     it is split by heads (attention is head-local, as in Megatron TP); with K = 2 on fsdp = 8 by rows

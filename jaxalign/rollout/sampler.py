@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import sharding
-from jaxalign.models.attention import cache_axes
+from jaxalign.models.attention import cache_axes, cache_slot_axes
 from jaxalign.models.decoder import default_positions
 
 
@@ -118,6 +118,14 @@ def _logp_of(logits: jax.Array, token: jax.Array) -> jax.Array:
   return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first maximal index) [...] int32, as two plain reductions: XLA:CPU runs
+  argmax's variadic (value, index) reduce 17x slower (0.156 vs 0.009 ms on [16, 2048] float32, jax 0.12)."""
+  best = jnp.max(x, axis=-1, keepdims=True)
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == best, index, x.shape[-1] - 1), axis=-1)
+
+
 def sample_token(logits: jax.Array, key: jax.Array,
                  cfg: SamplingConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One token per row from float32 logits [B, V], its log-prob, and the floor of the set sampled from.
@@ -131,11 +139,11 @@ def sample_token(logits: jax.Array, key: jax.Array,
   logits = logits.astype(jnp.float32)
   no_floor = jnp.full(logits.shape[:1], -jnp.inf, jnp.float32)
   if cfg.greedy:
-    token = jnp.argmax(logits, axis=-1)
+    token = first_argmax(logits)
     return token.astype(jnp.int32), _logp_of(logits, token), no_floor
   scaled = logits / cfg.temperature
   filtered = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
-  token = jax.random.categorical(key, filtered, axis=-1)
+  token = first_argmax(filtered + jax.random.gumbel(key, filtered.shape, filtered.dtype))  # jax.random.categorical
   truncates = 0 < cfg.top_k < logits.shape[-1] or cfg.top_p < 1.0
   if not (cfg.renormalize and truncates):
     return token.astype(jnp.int32), _logp_of(scaled, token), no_floor
@@ -187,8 +195,8 @@ def _grouped_cache(model, prefill: dict, group_size: int, max_len: int) -> dict:
 
   return {
     "index": prefill["index"],
-    "positions": fill(grouped["positions"], prefill["positions"], cache_axes()[:2]),
-    "valid": fill(grouped["valid"], prefill["valid"], cache_axes()[:2]),
+    "positions": fill(grouped["positions"], prefill["positions"], cache_slot_axes()),
+    "valid": fill(grouped["valid"], prefill["valid"], cache_slot_axes()),
     "layers": jax.tree.map(lambda empty, entries: fill(empty, entries, kv_names, int(stacked)), grouped["layers"],
                            prefill["layers"]),
   }

@@ -27,6 +27,25 @@ def test_packed_row_equals_documents_run_separately(family):
     start += len(doc)
 
 
+@pytest.mark.parametrize("family,scan", [("llama", False), ("mistral", True), ("gemma", False), ("qwen3", True)])
+def test_shared_prefix_equals_each_row_run_whole(family, scan):
+  # Two left-padded prefixes (lengths 5, 2), three right-padded suffixes each (one empty); mistral's window of 4
+  # reaches back into the prefix, and a suffix of the short prefix starts at position 2, not 5.
+  model = CausalLM(tiny(family, vocab_size=50).replace(scan_layers=scan, remat="full"), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  prefix_lengths, suffix_lengths, n, p, s = [5, 2], [6, 4, 0, 1, 6, 3], 3, 5, 6
+  prefix_seg = (np.arange(p)[None] >= p - np.asarray(prefix_lengths)[:, None]).astype(np.int32)
+  suffix_seg = (np.arange(s)[None] < np.asarray(suffix_lengths)[:, None]).astype(np.int32)
+  prefix, suffix = rng.integers(1, 50, (2, p)) * prefix_seg, rng.integers(1, 50, (6, s)) * suffix_seg
+  hidden_p, hidden_s = model.shared_prefix_hidden_states(*map(jnp.asarray, (prefix, prefix_seg, suffix, suffix_seg)))
+  assert hidden_p.shape == (2, p, 64) and hidden_s.shape == (6, s, 64)
+  for row in range(6):
+    g, lp, ls = row // n, prefix_lengths[row // n], suffix_lengths[row]
+    whole = model.hidden_states(jnp.asarray(np.concatenate([prefix[g, p - lp:], suffix[row, :ls]]))[None])[0]
+    np.testing.assert_allclose(hidden_p[g, p - lp:], whole[:lp], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(hidden_s[row, :ls], whole[lp:], rtol=2e-5, atol=2e-5)
+
+
 def test_default_positions_left_right_padding_and_packing():
   mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
   np.testing.assert_array_equal(default_positions(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0]])

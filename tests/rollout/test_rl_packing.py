@@ -1,6 +1,8 @@
-"""Packed training passes of the online step (`online.packing`): placement, fallback, and equality with the
-padded passes (log-probs, entropies, values and their gradients), on one device and per shard on a mesh."""
+"""Packed and shared-prompt training passes of the online step (`online.packing`, rl.share_prompt): placement,
+fallback, and equality with the padded passes (log-probs, entropies, values and their gradients), on one device
+and per shard on a mesh."""
 
+import contextlib
 import types
 
 import jax
@@ -137,3 +139,43 @@ def test_whole_row_rounding_that_saves_no_slots_runs_padded():
   assert not bool(out) and float(metrics["packed_fraction"]) == 0.0
   out, metrics = packed_or_padded(carries, rows, 0.75)
   assert bool(out) and float(metrics["packed_fraction"]) == 1.0 and float(metrics["pack_fill"]) == pytest.approx(16 / 36)
+
+
+def grouped_rows(groups: int, group: int, seed: int = 0) -> dict:
+  """Rollout rows of `groups` prompts x `group` completions: consecutive rows share their prompt."""
+  rng = np.random.default_rng(seed)
+  rows = rows_of(np.repeat(rng.integers(1, PROMPT + 1, groups), group), rng.integers(0, NEW + 1, groups * group), seed)
+  ids = np.asarray(rows["input_ids"]).copy()
+  ids[:, :PROMPT] = ids[np.repeat(np.arange(groups) * group, group), :PROMPT]
+  return {**rows, "input_ids": jnp.asarray(ids)}
+
+
+# One device (3 groups of 4); 4 shards holding one group of 2 rows each; 4 shards and 2 groups of 4, which do not
+# split over the shards as the rows do: whole rows then.
+@pytest.mark.parametrize("mesh_shape, groups, group, shares", [(None, 3, 4, True), ((2, 2, 1), 4, 2, True),
+                                                               ((2, 2, 1), 2, 4, False)])
+def test_shared_prompt_passes_equal_whole_rows_with_gradients(mesh_shape, groups, group, shares):
+  rl = RLConfig(max_new_tokens=NEW, temperature=1.3, top_k=5, group_size=group)
+  whole = online_fns(rl, critic_graphdef)
+  shared = whole.with_shared_prompts()
+  rows = grouped_rows(groups, group, seed=groups)
+  floor = top_k_floor(rows, 5, rl.temperature)
+  run = lambda ctx: jax.jit(lambda r, f: passes(ctx, r, f, 0.0)[0])
+  if mesh_shape:
+    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:4])
+    rows, floor = jax.device_put((rows, floor), sharding.batch_sharding(mesh, 2))
+  with sharding.use_mesh(mesh) if mesh_shape else contextlib.nullcontext():
+    assert shared.shares_prompts(rows) == shares and not whole.shares_prompts(rows)
+    (total, (logps, mask, entropy, values)), grads = run(whole)(rows, floor)
+    (s_total, (s_logps, s_mask, s_entropy, s_values)), s_grads = run(shared)(rows, floor)
+    flops = [run(ctx).lower(rows, floor).compile().cost_analysis()["flops"] for ctx in (whole, shared)]
+  np.testing.assert_array_equal(s_mask, mask)
+  for a, b in ((s_logps, logps), (s_entropy, entropy), (s_values, values)):
+    np.testing.assert_allclose(a * mask, b * mask, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s_total, total, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+  # Each prompt ran once: the policy passes (forward and backward) cover 6 + 4 x 6 tokens per group, not 4 x 12
+  # (the critic's pass stays whole).
+  if mesh_shape is None:
+    assert flops[1] < 0.85 * flops[0]

@@ -15,6 +15,7 @@ from jaxalign import sharding
 from jaxalign.algorithms.forward import token_logps
 from jaxalign.models import CausalLM, tiny
 from jaxalign.rollout import SamplingConfig, generate, left_pad, sample_token, top_k_filter, top_p_filter
+from jaxalign.rollout.sampler import first_argmax
 
 V = 50
 generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))
@@ -371,3 +372,12 @@ def test_group_size_must_be_a_positive_integer():
   for bad in (0, 1.5):
     with pytest.raises(ValueError, match="group_size"):
       generate(model, ids, mask, jax.random.key(0), SamplingConfig(), group_size=bad)
+
+
+def test_first_argmax_is_numpys_argmax_ties_included_and_sampling_is_jax_categorical():
+  x = np.random.default_rng(0).integers(0, 4, (64, 9)).astype(np.float32)  # many tied maxima
+  np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, -1))
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(32, 50)), jnp.float32)
+  key = jax.random.key(3)
+  token, _, _ = sample_token(logits, key, SamplingConfig(temperature=0.5))
+  np.testing.assert_array_equal(token, jax.random.categorical(key, logits / 0.5, axis=-1))

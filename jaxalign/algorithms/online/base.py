@@ -61,6 +61,9 @@ class Algorithm:
   # Log-probs (old, reference, current) under the distribution sampled from (the kept top-k / top-p set):
   # what importance ratios need. Algorithms that fit the model's own distribution (DPO, SFT) leave it off.
   replays_sampling_mask: bool = False
+  # Whether the update units' rows are the rollout's rows in order (whole groups, consecutive), so that a
+  # single-minibatch update can run each prompt once (rl.share_prompt).
+  units_keep_groups: bool = False
 
   def uses_reference(self, rl, loss_params: dict) -> bool:
     """Whether the step runs the frozen reference (a KL term as a loss: rl.kl_loss_coef)."""
@@ -152,6 +155,7 @@ class PolicyGradient(TokenAlgorithm):
 
   kl_in_reward: bool = False
   replays_sampling_mask = True
+  units_keep_groups = True  # `token_units`: the rollout's rows
 
   def uses_reference(self, rl, loss_params: dict) -> bool:
     return super().uses_reference(rl, loss_params) or (self.kl_in_reward and rl.kl_coef > 0)

@@ -38,6 +38,10 @@ class RLConfig:
   # completions longer than half of it share a row, at the cost of attention over the longer rows.
   pack_ratio: float = 0.0
   pack_length: int = 0
+  # Each prompt of a group runs through the model once in the old-policy, reference and (one minibatch per
+  # pass, policy-gradient algorithms) update passes, its completions attending to it (`Decoder.shared_prefix`):
+  # exact, and (G - 1) / G of the prompt tokens' compute saved. Off, or packed passes: every row runs whole.
+  share_prompt: bool = True
   is_cap: float = 0.0  # truncated importance weight on sampler / trainer log-prob mismatch (0: off)
   rft_threshold: float = 0.5  # rejection sampling keeps the best sample when its reward reaches this
   gamma: float = 1.0  # PPO: GAE discount

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign import losses
+from jaxalign import losses, sharding
 from jaxalign.algorithms.forward import frozen as no_grad
-from jaxalign.algorithms.forward import loss_targets, token_logps
+from jaxalign.algorithms.forward import loss_targets, shared_prompt_token_logps, token_logps
 from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
 from jaxalign.algorithms.online.config import RLConfig
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
@@ -41,6 +41,9 @@ class OnlineFns:
   uses_reference: bool
   critic: object = None  # graphdef of the value model (trainable = {"policy", "value"})
   reward_model: object = None  # graphdef of the reward model (weights in frozen["reward_model"])
+  # Rows come in groups of this many consecutive rows with the same prompt: `completion_logps` runs each
+  # prompt once (`with_shared_prompts`; 1: every row whole).
+  prompt_group: int = 1
 
   def policy(self, trainable, frozen_params):
     return self.fns.policy(self.algorithm.policy_params(trainable), frozen_params)
@@ -73,15 +76,30 @@ class OnlineFns:
     entropies [R, N] (None unless asked), renormalised over the sampled set where `floor` [R, T-1] says.
     Rows that carry a "packing" (`online.packing`) run packed and are read back into the row view."""
     kwargs = dict(temperature=self.rl.temperature, impl=self.fns.op["impl"], return_entropy=entropy)
-    packing = rows.get("packing")
+    packing, n = rows.get("packing"), self.rl.max_new_tokens
+    if packing is None and self.shares_prompts(rows):
+      prompt = rows["input_ids"].shape[1] - n
+      floor = None if floor is None else floor[:, -n:]
+      logps, mask, *entropies = shared_prompt_token_logps(model, rows, prompt, self.prompt_group, logit_floor=floor,
+                                                          **kwargs)
+      return logps, mask, entropies[0] if entropy else None
     if packing is None:
       out = token_logps(model, rows, logit_floor=floor, **kwargs)
     else:
       floor = None if floor is None else pack(floor, packing, -jnp.inf, targets=True)
       out = token_logps(model, packed_rows(rows, packing), logit_floor=floor, **kwargs)
       out = (unpack(out[0], packing, targets=True), None, *(unpack(x, packing, targets=True) for x in out[2:]))
-    n = self.rl.max_new_tokens
     return out[0][:, -n:], self.completion_mask(rows), out[2][:, -n:] if entropy else None
+
+  def with_shared_prompts(self) -> OnlineFns:
+    """These passes on rollout rows in whole groups (rl.share_prompt): each prompt computed once."""
+    return dataclasses.replace(self, prompt_group=self.rl.group_size) if self.rl.share_prompt else self
+
+  def shares_prompts(self, rows) -> bool:
+    """Whether `rows` run with shared prompts: groups of `prompt_group` rows that split over the batch shards
+    as the rows do (each shard then holds its rows' prompts)."""
+    group, num = self.prompt_group, rows["input_ids"].shape[0]
+    return group > 1 and num % group == 0 and sharding.shards("batch", num // group) == sharding.shards("batch", num)
 
   def generate(self, policy, prompts: dict, key, group_size: int, sampling: SamplingConfig | None = None):
     """Rollout of `group_size` samples of each prompt (one prefill per prompt), on the policy's weights
@@ -149,9 +167,14 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
   rl, algorithm = ctx.rl, ctx.algorithm
   num = jax.tree.leaves(units)[0].shape[0]
   size = num // rl.minibatches
-  keys = jax.random.split(key, rl.epochs)
-  order = jnp.concatenate([jax.random.permutation(k, num)[:size * rl.minibatches] for k in keys])
-  order = order.reshape(rl.epochs * rl.minibatches, size)
+  if rl.minibatches == 1 and algorithm.units_keep_groups:
+    # Every pass takes all units, whose order the loss does not depend on: the rollout's, groups whole.
+    ctx = ctx.with_shared_prompts()
+    order = jnp.tile(jnp.arange(num), (rl.epochs, 1))
+  else:
+    keys = jax.random.split(key, rl.epochs)
+    order = jnp.concatenate([jax.random.permutation(k, num)[:size * rl.minibatches] for k in keys])
+    order = order.reshape(rl.epochs * rl.minibatches, size)
 
   def loss_fn(trainable, unit):
     stats = algorithm.stats(ctx, ctx.policy(trainable, frozen_params), trainable, unit)
@@ -196,10 +219,11 @@ def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores
   old_pass = algorithm.needs_old_pass(rl)
 
   def old_and_reference(rows):
-    old = no_grad(ctx.completion_logps, policy, rows, floor)[0] if old_pass else None
+    logps = ctx.with_shared_prompts().completion_logps  # the rollout's rows: whole groups
+    old = no_grad(logps, policy, rows, floor)[0] if old_pass else None
     # The reference's full distribution: the floor is the policy's logit, meaningless for another network,
     # and the KL terms measure KL(pi_sampled || pi_ref).
-    return old, no_grad(ctx.completion_logps, reference, rows, None)[0] if reference is not None else old
+    return old, no_grad(logps, reference, rows, None)[0] if reference is not None else old
 
   (old, ref), packing = (packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
                          if old_pass or reference is not None else ((None, None), {}))
