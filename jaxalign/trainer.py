@@ -104,7 +104,7 @@ def frozen_dtype(x, compute_dtype) -> jnp.dtype:
 def stack_micro_batches(batches: list[dict]) -> dict:
   """[A, ...] arrays from A micro-batches, padding the token axis to their longest (and packed pair / list
   micro-batches to the same number of rows)."""
-  batches = batching.equal_packed_rows(batches)
+  batches = batching.equal_prompt_layouts(batching.equal_packed_rows(batches))
   length = max(b["input_ids"].shape[-1] for b in batches)
 
   def pad(key, x):

@@ -4,7 +4,9 @@
 
 Workloads (shape keys as bench/peers/tunix_run.py reads them; token ids random, seed 0, float32):
 - sft {batch, length, steps}: next-token loss on every token, AdamW lr 1e-5.
-- dpo {pairs, prompt, response, steps}: DPO (beta 0.1) against the frozen reference, AdamW lr 1e-6.
+- dpo {pairs, prompt, response, steps}: DPO (beta 0.1) against the frozen reference, AdamW lr 1e-6; each prompt
+  runs once for its chosen and rejected rows (`data.share_prompt`, the default; `--set data.share_prompt=false`:
+  whole rows, as the peers run them).
 - grpo {prompts, group, prompt, new_tokens, steps, beta}: the whole jitted RL step (generate, score, reference
   log-probs, one optimiser step: no old-policy pass), EOS never sampled; parts: generation, scoring (reward and
   reference) and update timed alone (the update is the step minus the other two).
@@ -36,6 +38,8 @@ import jaxalign
 from jaxalign import sharding
 from jaxalign.algorithms import online
 from jaxalign.config import TrainConfig, from_dict, set_key
+from jaxalign.data import batching
+from jaxalign.data.tokenize import Encoded
 from jaxalign.models import load_hf
 from jaxalign.rollout.decode_layout import generate_in_decode_layout
 from jaxalign.rollout.sampler import SamplingConfig
@@ -77,17 +81,17 @@ def random_ids(shape, vocab: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(1, vocab, shape).astype(np.int32)
 
 
-def offline_batch(workload: str, shape: dict, vocab: int) -> dict:
-  """[1 micro-batch, ...] host arrays of the workload's token shapes."""
+def offline_batch(workload: str, shape: dict, vocab: int, cfg: TrainConfig) -> dict:
+  """[1 micro-batch, ...] host arrays of the workload's token shapes, collated as the data pipeline does
+  (DPO: the chosen and rejected rows share their prompt, `data.share_prompt`)."""
   if workload == "sft":
     ids = random_ids((1, shape["batch"], shape["length"]), vocab)
     return {"input_ids": ids, "loss_mask": np.ones_like(ids), "segment_ids": np.ones_like(ids)}
   p, r = shape["prompt"], shape["response"]
-  ids = random_ids((1, shape["pairs"], 2, p + r), vocab)
-  ids[..., :p] = ids[:, :, :1, :p]  # chosen and rejected share the prompt
-  mask = np.zeros_like(ids)
-  mask[..., p:] = 1
-  return {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids)}
+  ids = random_ids((shape["pairs"], 1 + 2, max(p, r)), vocab)
+  pairs = [Encoded(x[0, :p], (x[1, :r], x[2, :r])) for x in ids]
+  batch = batching.collate_multi(pairs, cfg.data.bucket_lengths, share_prompt=cfg.data.share_prompt)
+  return {k: v[None] for k, v in batch.items()}
 
 
 def timed(fn, steps: int) -> list[float]:
@@ -101,7 +105,8 @@ def timed(fn, steps: int) -> list[float]:
 
 
 def run_offline(run, workload: str, shape: dict) -> dict:
-  batch = put_batch(offline_batch(workload, shape, run.model_config.vocab_size), run.mesh, run.cfg.mesh.rules, 1)
+  batch = offline_batch(workload, shape, run.model_config.vocab_size, run.cfg)
+  batch = put_batch(batch, run.mesh, run.cfg.mesh.rules, 1)
   step = jax.jit(run.train_fn, donate_argnums=0)
   holder = {"state": run.state}
 
@@ -129,8 +134,15 @@ def run_grpo(run, shape: dict) -> dict:
   ctx = dataclasses.replace(online_fns(run, answers, None, None), sampling=sampling)
   group = shape["group"]
   policy = lambda state: ctx.policy(state.trainable, run.frozen)
-  generate = jax.jit(lambda state, key: ctx.generate(policy(state), prompts, key, group))
   step = jax.jit(online.make_rl_step(ctx), donate_argnums=0)
+  holder = {"state": jax.tree.map(jnp.copy, run.state)}
+
+  def one():
+    holder["state"], metrics = step(holder["state"], prompts, run.frozen)
+    return metrics["loss"]
+
+  times = timed(one, shape["steps"])  # the whole step first: the process's peak memory is the step's compilation
+  generate = jax.jit(lambda state, key: ctx.generate(policy(state), prompts, key, group))
   rollout = generate(run.state, jax.random.key(0))
   rows = online.rollout_rows(rollout)
   uid = jnp.repeat(prompts["uid"], group)
@@ -141,13 +153,6 @@ def run_grpo(run, shape: dict) -> dict:
                                  logps(ctx.fns.reference(run.frozen), rows, None)[0]))
   parts = {"generate": statistics.median(timed(lambda: generate(run.state, jax.random.key(1)), shape["steps"])[WARMUP:]),
            "score": statistics.median(timed(lambda: score(run.state), shape["steps"])[WARMUP:])}
-  holder = {"state": jax.tree.map(jnp.copy, run.state)}
-
-  def one():
-    holder["state"], metrics = step(holder["state"], prompts, run.frozen)
-    return metrics["loss"]
-
-  times = timed(one, shape["steps"])
   parts["update"] = statistics.median(times[WARMUP:]) - parts["generate"] - parts["score"]
   return {"times": times, "parts": parts}
 
@@ -160,9 +165,12 @@ def run_decode(model_dir: str, shape: dict) -> dict:
   sampling = SamplingConfig(max_new_tokens=shape["new_tokens"], temperature=1.0, eos_token_id=-1)
   ids = jnp.asarray(random_ids((shape["rows"], shape["prompt"]), model.config.vocab_size))
   mask = jnp.ones_like(ids)
+  graphdef, state = nnx.split(model)  # jitted over the weights, as the training step runs it (`nnx.jit` on the
+  # module itself kept ~0.4 GB more resident on the 56M model)
   with sharding.use_mesh(mesh):
-    generate = nnx.jit(lambda m, key: generate_in_decode_layout(m, ids, mask, key, sampling).tokens)
-    return {"times": timed(lambda: generate(model, jax.random.key(0)), shape["steps"])}
+    generate = jax.jit(lambda state, key: generate_in_decode_layout(nnx.merge(graphdef, state), ids, mask, key,
+                                                                    sampling).tokens)
+    return {"times": timed(lambda: generate(state, jax.random.key(0)), shape["steps"])}
 
 
 def main():
@@ -173,7 +181,7 @@ def main():
     if workload != "decode":
       run = build_run(config(workload, model_dir, shape, tmp))
       with sharding.use_mesh(run.mesh, run.cfg.mesh.rules):
-        result = (run_offline if workload in ("sft", "dpo") else run_grpo)(run, shape)
+        result = run_offline(run, workload, shape) if workload in ("sft", "dpo") else run_grpo(run, shape)
   times = result["times"]
   print(json.dumps({"peer": f"jaxalign {jaxalign.__version__}", "workload": workload,
                     "seconds": statistics.median(times[WARMUP:]), "times": times, "parts": result.get("parts", {}),

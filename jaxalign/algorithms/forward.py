@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxalign import ops
+from jaxalign import ops, sharding
 
 
 def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -113,10 +113,23 @@ def sequence_sums(values: jax.Array, mask: jax.Array, batch: dict, prefix: str =
   return picked[..., 0], picked[..., 1]
 
 
+def prompt_groups_split_like_rows(num_rows: int, group: int) -> bool:
+  """Whether groups of `group` consecutive rows of [num_rows, ...] split over the batch shards as the rows do
+  (each shard then holds whole groups, and the groups' shared prompts beside them)."""
+  return num_rows % group == 0 and sharding.shards("batch", num_rows // group) == sharding.shards("batch", num_rows)
+
+
 def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs S [E...] and response token counts n [E...] (>= 1) of every sequence of a
-  padded or packed batch (E... its examples: [B, C] for pairs and lists, [B] for single responses)."""
-  logps, mask = token_logps(model, rows(batch, prefix), **kwargs)
+  padded or packed batch (E... its examples: [B, C] for pairs and lists, [B] for single responses).
+  A shared-prompt batch (`prompt_mask` [B, P]: rows of the prompt left-padded to P, then a response) runs
+  each prompt once."""
+  view, prompt = rows(batch, prefix), batch.get(prefix + "prompt_mask")
+  group = batch[prefix + "input_ids"].shape[-2]
+  if prompt is not None and prompt_groups_split_like_rows(view["input_ids"].shape[0], group):
+    logps, mask = shared_prompt_token_logps(model, view, prompt.shape[-1], group, **kwargs)
+  else:
+    logps, mask = token_logps(model, view, **kwargs)
   s, n = sequence_sums(logps, mask, batch, prefix)
   return s, jnp.maximum(n, 1.0)
 

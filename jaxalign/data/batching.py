@@ -8,6 +8,10 @@ response of example i+1, OBJECTIVES.md §9.11).
 
 Packed pairs and lists (`collate_packed`) keep B examples but put their B*C sequences into N <= B*C rows
 [N, T], with `pack_row` / `pack_segment` [B, C] saying where each (example, response) landed.
+
+Pairs and lists with a shared prompt (`collate_multi(share_prompt=True)`, when it takes fewer token slots):
+every row is the prompt left-padded to P, then the response right-padded, and `prompt_mask` [B, P] marks the
+prompt's tokens; the objective then runs each prompt once (`forward.example_logps`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,30 @@ def _row(pieces: Sequence[tuple[np.ndarray, np.ndarray]], length: int):
   return ids, mask, seg
 
 
+def _prompt_first_row(prompt: np.ndarray, response: np.ndarray, prompt_length: int, length: int):
+  """One row [length]: the prompt right-aligned in slots [0, prompt_length), the response from there."""
+  start = prompt_length - len(prompt)
+  ids, mask, seg = _row([(prompt, response)], length - start)
+  return (np.pad(x, (start, 0)) for x in (ids, mask, seg))
+
+
+def _left_padded_mask(prompt: np.ndarray, length: int) -> np.ndarray:
+  return (np.arange(length) >= length - len(prompt)).astype(np.int32)
+
+
+def shared_prompt_lengths(examples: Sequence[Encoded], buckets: Sequence[int]) -> tuple[int, int] | None:
+  """(P, N): the prompt and response lengths of a shared-prompt batch of `examples` (each a bucket), or None
+  when that layout would hold more token slots than whole rows (P + C*N >= C*T) or rows longer than the
+  longest bucket."""
+  responses = len(examples[0].responses)
+  if any(len(e.responses) != responses for e in examples):
+    return None
+  p = bucket_length(max(len(e.prompt) for e in examples), buckets)
+  n = bucket_length(max(len(r) for e in examples for r in e.responses), buckets)
+  whole = bucket_length(max(e.length for e in examples), buckets)
+  return (p, n) if p + n <= buckets[-1] and p + responses * n < responses * whole else None
+
+
 def _stack_rows(rows) -> dict[str, np.ndarray]:
   ids, mask, seg = (np.stack(x) for x in zip(*rows))
   return {"input_ids": ids, "loss_mask": mask, "segment_ids": seg}
@@ -74,13 +102,23 @@ def collate_single(examples: Sequence[Encoded], buckets: Sequence[int],
   return _stack_rows([_row([(e.prompt, e.responses[0])], length) for e in _take(examples, rows)])
 
 
-def collate_multi(examples: Sequence[Encoded], buckets: Sequence[int],
-                  rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-  """Preference pairs and ranked lists: every response of an example in its own row. [B, C, T]."""
-  length = bucket_length(max(e.length for e in examples), buckets)
+def collate_multi(examples: Sequence[Encoded], buckets: Sequence[int], rows: Sequence[int] | None = None,
+                  share_prompt: bool = False) -> dict[str, np.ndarray]:
+  """Preference pairs and ranked lists: every response of an example in its own row. [B, C, T].
+
+  share_prompt: where it takes fewer token slots (`shared_prompt_lengths`), rows [P + N] of the prompt
+  left-padded to P and the response, and `prompt_mask` [B, P]."""
   local = _take(examples, rows)
-  per_example = [_stack_rows([_row([(e.prompt, r)], length) for r in e.responses]) for e in local]
+  lengths = shared_prompt_lengths(examples, buckets) if share_prompt else None
+  if lengths is None:
+    length = bucket_length(max(e.length for e in examples), buckets)
+    per_example = [_stack_rows([_row([(e.prompt, r)], length) for r in e.responses]) for e in local]
+  else:
+    per_example = [_stack_rows([_prompt_first_row(e.prompt, r, lengths[0], sum(lengths)) for r in e.responses])
+                   for e in local]
   batch = {k: np.stack([b[k] for b in per_example]) for k in per_example[0]}
+  if lengths is not None:
+    batch["prompt_mask"] = np.stack([_left_padded_mask(e.prompt, lengths[0]) for e in local])
   if local[0].scores:
     batch["scores"] = np.asarray([e.scores for e in local], np.float32)
   if local[0].ref_logps:
@@ -219,3 +257,29 @@ def equal_packed_rows(batches: list[dict]) -> list[dict]:
     padded = {k: np.pad(b[k], [(0, n - have), (0, 0)]) for k in ROW_KEYS}
     out.append({**b, **padded, "pack_row": (b["pack_row"] // have * n + b["pack_row"] % have).astype(np.int32)})
   return out
+
+
+def _whole_rows(batch: dict) -> dict:
+  """A shared-prompt batch as whole rows: each row's left padding moved to its end, `prompt_mask` dropped."""
+  real = batch["segment_ids"] != 0  # [..., T]: one contiguous run of real tokens per row
+  shift = np.argmax(real, axis=-1)[..., None]  # its first real slot
+  index = (np.arange(real.shape[-1]) + shift) % real.shape[-1]
+  rolled = {k: np.take_along_axis(batch[k], index, axis=-1) for k in ROW_KEYS}
+  return {**{k: v for k, v in batch.items() if k != "prompt_mask"}, **rolled}
+
+
+def equal_prompt_layouts(batches: list[dict]) -> list[dict]:
+  """Micro-batches in one row layout, so they stack: shared-prompt batches with their prompts left-padded to
+  the longest P, or, when some use whole rows, all as whole rows."""
+  shared = ["prompt_mask" in b for b in batches]
+  if not any(shared):
+    return batches
+  if not all(shared):
+    return [_whole_rows(b) if s else b for b, s in zip(batches, shared)]
+  p = max(b["prompt_mask"].shape[-1] for b in batches)
+
+  def widen(x, extra):
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(extra, 0)])
+
+  return [{**b, **{k: widen(b[k], p - b["prompt_mask"].shape[-1]) for k in (*ROW_KEYS, "prompt_mask")}}
+          for b in batches]

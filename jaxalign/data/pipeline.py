@@ -40,6 +40,10 @@ class DataConfig:
   # many examples as fit; preference / ranked: batch_size examples whose B*C (prompt + response) sequences
   # share as few rows as hold them (`batching.collate_packed`).
   packing: bool = False
+  # Preference / ranked batches without packing: where it takes fewer token slots, each row is the prompt
+  # left-padded to the batch's prompt bucket then the response, and the objective runs each prompt once, its
+  # C responses attending to it (`batching.collate_multi`, `forward.example_logps`); exact.
+  share_prompt: bool = True
   # Examples (sft packing: packed rows) per micro-batch; the optimiser step sees batch_size * grad_accum.
   batch_size: int = 16
   shuffle: bool = True
@@ -116,8 +120,9 @@ class Batches:
     else:
       chosen, used = chosen[:cfg.batch_size], cfg.batch_size
       collate = {"sft": batching.collate_single, "prompt": batching.collate_prompts,
-                 "unpaired": batching.collate_unpaired}.get(cfg.format, batching.collate_multi)
-      batch = collate(chosen, cfg.bucket_lengths, self.rows)
+                 "unpaired": batching.collate_unpaired}.get(cfg.format)
+      batch = (collate(chosen, cfg.bucket_lengths, self.rows) if collate else
+               batching.collate_multi(chosen, cfg.bucket_lengths, self.rows, cfg.share_prompt))
     self.index += used
     return batch
 

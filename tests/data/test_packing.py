@@ -1,7 +1,10 @@
-"""Packed preference pairs and ranked lists: the same statistics, losses and gradients as the padded layout.
+"""Packed and shared-prompt preference pairs and ranked lists: the same statistics, losses and gradients as the
+padded layout.
 
 A packed batch holds the B examples' B*C (prompt + response) sequences in N <= B*C rows, with `pack_row` /
-`pack_segment` [B, C] saying where each landed; `forward.sequence_sums` reads both layouts.
+`pack_segment` [B, C] saying where each landed; `forward.sequence_sums` reads both layouts. A shared-prompt batch
+lays each row out as the prompt left-padded to P, then the response, and `forward.example_logps` runs each
+prompt once.
 """
 
 import dataclasses
@@ -16,8 +19,9 @@ from flax import nnx
 from jaxalign.algorithms.forward import rows, sequence_sums, token_logps
 from jaxalign.algorithms.objectives import objective_for
 from jaxalign.data import DataConfig, digits_tokenizer, load_split
-from jaxalign.data.batching import (collate_multi, collate_packed, equal_packed_rows, first_fit_decreasing,
-                                    packed_row_count)
+from jaxalign import sharding
+from jaxalign.data.batching import (collate_multi, collate_packed, equal_packed_rows, equal_prompt_layouts,
+                                    first_fit_decreasing, packed_row_count)
 from jaxalign.data.pipeline import Batches
 from jaxalign.data.tokenize import Encoded
 from jaxalign.models import CausalLM, ModelConfig, ScalarModel, default_positions
@@ -201,3 +205,69 @@ def test_process_blocks_pack_apart_and_micro_batches_stack():
 def test_packing_refuses_formats_it_cannot_pack():
   with pytest.raises(ValueError, match=r"^data.packing applies to the sft, preference and ranked formats, not unpaired$"):
     DataConfig(format="unpaired", packing=True)
+
+
+def test_shared_prompt_rows_hold_the_prompt_left_padded_then_the_response():
+  data = examples(5, 2, seed=3)
+  batch = collate_multi(data, BUCKETS, share_prompt=True)
+  assert batch["input_ids"].shape == (5, 2, 32) and batch["prompt_mask"].shape == (5, 16)  # P = N = 16
+  for b, e in enumerate(data):
+    np.testing.assert_array_equal(batch["prompt_mask"][b], np.arange(16) >= 16 - len(e.prompt))
+    for c, response in enumerate(e.responses):
+      ids, seg, mask = (batch[k][b, c] for k in ("input_ids", "segment_ids", "loss_mask"))
+      np.testing.assert_array_equal(ids[16 - len(e.prompt):16 + len(response)], np.concatenate([e.prompt, response]))
+      np.testing.assert_array_equal(seg, (np.arange(32) >= 16 - len(e.prompt)) & (np.arange(32) < 16 + len(response)))
+      np.testing.assert_array_equal(mask, (np.arange(32) >= 16) & (np.arange(32) < 16 + len(response)))
+  # Whole rows when sharing holds more slots: a long prompt and short responses need P + 2N = 32 + 32 slots
+  # per pair, whole rows 2 x 32.
+  long_prompt = [Encoded(np.arange(6, 24, dtype=np.int32), (np.asarray([7, 8], np.int32),) * 2)]
+  assert "prompt_mask" not in collate_multi(long_prompt, BUCKETS, share_prompt=True)
+
+
+@pytest.mark.parametrize("loss, responses, mesh_shape", [("dpo", 2, None), ("dpo_pl", 3, None), ("dpo", 2, (2, 2, 1))])
+def test_shared_prompt_loss_and_gradients_equal_the_padded_batch(loss, responses, mesh_shape):
+  data = examples(8, responses, seed=4, scored=responses > 2)
+  padded, shared = collate_multi(data, BUCKETS), collate_multi(data, BUCKETS, share_prompt=True)
+  assert "prompt_mask" in shared
+  objective = objective_for("preference", loss)
+  if mesh_shape:  # 2 pairs per shard: the prompts split over the shards as their rows do
+    mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:4])
+    padded, shared = (jax.device_put(b, sharding.batch_sharding(mesh, 1)) for b in (padded, shared))
+    with sharding.use_mesh(mesh):
+      want, got = loss_and_grads(objective, padded), loss_and_grads(objective, shared)
+  else:
+    want, got = loss_and_grads(objective, padded), loss_and_grads(objective, shared)
+  for a, b in zip(got[:3], want[:3]):  # stats, loss, gradients
+    assert_close(a, b)
+  assert {k: int(v) for k, v in got[3].items()} == {k: int(v) for k, v in want[3].items()}
+  if mesh_shape is None:  # each prompt ran once: 8 x 16 + 8 x C x 16 tokens instead of 8 x C x 32
+    (graphdef, state), reference = models()
+    forward = jax.jit(lambda state, batch: objective.stats(nnx.merge(graphdef, state), reference, batch))
+    flops = [forward.lower(state, b).compile().cost_analysis()["flops"] for b in (padded, shared)]
+    assert flops[1] < 0.8 * flops[0]
+  # The reward model reads each row's last token in either layout.
+  reward = objective_for("reward", "bradley_terry")
+  graphdef, state = nnx.split(ScalarModel(TINY, rngs=nnx.Rngs(0)))
+  stats = jax.jit(lambda state, batch: reward.stats(nnx.merge(graphdef, state), None, batch))
+  if responses == 2 and mesh_shape is None:
+    assert_close(stats(state, shared), stats(state, padded))
+
+
+def test_micro_batches_of_both_layouts_stack_in_one():
+  shared = [collate_multi(examples(4, 2, seed=s), BUCKETS, share_prompt=True) for s in (5, 6)]
+  short = [Encoded(np.asarray([9, 10 + i, 11], np.int32), (np.asarray([7, 8], np.int32), np.asarray([12, i], np.int32)))
+           for i in range(4)]
+  shared[1] = collate_multi(short, (2, 4, 8, 16, 32), share_prompt=True)  # P = 4, N = 2 (the other's: 16, 16)
+  assert shared[1]["prompt_mask"].shape[-1] == 4
+  widened = equal_prompt_layouts(shared)
+  assert {b["prompt_mask"].shape[-1] for b in widened} == {16}
+  np.testing.assert_array_equal(widened[1]["input_ids"][..., 12:], shared[1]["input_ids"])
+  assert widened[1]["input_ids"][..., :12].sum() == 0
+  objective = objective_for("preference", "dpo")
+  assert_close(loss_and_grads(objective, widened[1])[:3], loss_and_grads(objective, shared[1])[:3])
+  # A shared batch beside a whole-row one becomes whole rows: exactly the unshared collation.
+  whole = collate_multi(examples(4, 2, seed=7), BUCKETS)
+  mixed = equal_prompt_layouts([shared[0], whole])
+  assert "prompt_mask" not in mixed[0] and mixed[1] is whole
+  for key, value in collate_multi(examples(4, 2, seed=5), BUCKETS).items():
+    np.testing.assert_array_equal(mixed[0][key], value)

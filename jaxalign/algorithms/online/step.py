@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxalign import losses, sharding
+from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
-from jaxalign.algorithms.forward import loss_targets, shared_prompt_token_logps, token_logps
+from jaxalign.algorithms.forward import (loss_targets, prompt_groups_split_like_rows, shared_prompt_token_logps,
+                                        token_logps)
 from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
 from jaxalign.algorithms.online.config import RLConfig
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
@@ -98,8 +99,7 @@ class OnlineFns:
   def shares_prompts(self, rows) -> bool:
     """Whether `rows` run with shared prompts: groups of `prompt_group` rows that split over the batch shards
     as the rows do (each shard then holds its rows' prompts)."""
-    group, num = self.prompt_group, rows["input_ids"].shape[0]
-    return group > 1 and num % group == 0 and sharding.shards("batch", num // group) == sharding.shards("batch", num)
+    return self.prompt_group > 1 and prompt_groups_split_like_rows(rows["input_ids"].shape[0], self.prompt_group)
 
   def generate(self, policy, prompts: dict, key, group_size: int, sampling: SamplingConfig | None = None):
     """Rollout of `group_size` samples of each prompt (one prefill per prompt), on the policy's weights
