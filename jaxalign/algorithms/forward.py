@@ -113,10 +113,15 @@ def sequence_sums(values: jax.Array, mask: jax.Array, batch: dict, prefix: str =
   return picked[..., 0], picked[..., 1]
 
 
-def prompt_groups_split_like_rows(num_rows: int, group: int) -> bool:
-  """Whether groups of `group` consecutive rows of [num_rows, ...] split over the batch shards as the rows do
-  (each shard then holds whole groups, and the groups' shared prompts beside them)."""
-  return num_rows % group == 0 and sharding.shards("batch", num_rows // group) == sharding.shards("batch", num_rows)
+def prompt_sharing(num_rows: int, group: int) -> int:
+  """How many consecutive rows of [num_rows, ...], in groups of `group` with one prompt, run one computation of
+  it: the largest divisor of `group` whose prompts split over the batch shards as the rows do (each shard then
+  holds its rows' prompts). A group split over two shards computes its prompt once on each; 1: none shared."""
+  for size in range(group, 1, -1):
+    if group % size == 0 and num_rows % size == 0 and (
+        sharding.shards("batch", num_rows // size) == sharding.shards("batch", num_rows)):
+      return size
+  return 1
 
 
 def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.Array, jax.Array]:
@@ -125,9 +130,9 @@ def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.A
   A shared-prompt batch (`prompt_mask` [B, P]: rows of the prompt left-padded to P, then a response) runs
   each prompt once."""
   view, prompt = rows(batch, prefix), batch.get(prefix + "prompt_mask")
-  group = batch[prefix + "input_ids"].shape[-2]
-  if prompt is not None and prompt_groups_split_like_rows(view["input_ids"].shape[0], group):
-    logps, mask = shared_prompt_token_logps(model, view, prompt.shape[-1], group, **kwargs)
+  sharing = 1 if prompt is None else prompt_sharing(view["input_ids"].shape[0], batch[prefix + "input_ids"].shape[-2])
+  if sharing > 1:
+    logps, mask = shared_prompt_token_logps(model, view, prompt.shape[-1], sharing, **kwargs)
   else:
     logps, mask = token_logps(model, view, **kwargs)
   s, n = sequence_sums(logps, mask, batch, prefix)

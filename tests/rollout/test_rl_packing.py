@@ -150,11 +150,11 @@ def grouped_rows(groups: int, group: int, seed: int = 0) -> dict:
   return {**rows, "input_ids": jnp.asarray(ids)}
 
 
-# One device (3 groups of 4); 4 shards holding one group of 2 rows each; 4 shards and 2 groups of 4, which do not
-# split over the shards as the rows do: whole rows then.
-@pytest.mark.parametrize("mesh_shape, groups, group, shares", [(None, 3, 4, True), ((2, 2, 1), 4, 2, True),
-                                                               ((2, 2, 1), 2, 4, False)])
-def test_shared_prompt_passes_equal_whole_rows_with_gradients(mesh_shape, groups, group, shares):
+# One device (3 groups of 4); 4 shards holding one group of 2 rows each; 4 shards and 2 groups of 4: each shard
+# holds half a group and computes its prompt once; 4 shards and one group of 4 (a row per shard): none shared.
+@pytest.mark.parametrize("mesh_shape, groups, group, sharing", [(None, 3, 4, 4), ((2, 2, 1), 4, 2, 2),
+                                                                ((2, 2, 1), 2, 4, 2), ((2, 2, 1), 1, 4, 1)])
+def test_shared_prompt_passes_equal_whole_rows_with_gradients(mesh_shape, groups, group, sharing):
   rl = RLConfig(max_new_tokens=NEW, temperature=1.3, top_k=5, group_size=group)
   whole = online_fns(rl, critic_graphdef)
   shared = whole.with_shared_prompts()
@@ -165,7 +165,7 @@ def test_shared_prompt_passes_equal_whole_rows_with_gradients(mesh_shape, groups
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:4])
     rows, floor = jax.device_put((rows, floor), sharding.batch_sharding(mesh, 2))
   with sharding.use_mesh(mesh) if mesh_shape else contextlib.nullcontext():
-    assert shared.shares_prompts(rows) == shares and not whole.shares_prompts(rows)
+    assert shared.prompt_sharing(rows) == sharing and whole.prompt_sharing(rows) == 1
     (total, (logps, mask, entropy, values)), grads = run(whole)(rows, floor)
     (s_total, (s_logps, s_mask, s_entropy, s_values)), s_grads = run(shared)(rows, floor)
     flops = [run(ctx).lower(rows, floor).compile().cost_analysis()["flops"] for ctx in (whole, shared)]

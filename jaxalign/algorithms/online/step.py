@@ -19,8 +19,7 @@ from flax import nnx
 
 from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
-from jaxalign.algorithms.forward import (loss_targets, prompt_groups_split_like_rows, shared_prompt_token_logps,
-                                        token_logps)
+from jaxalign.algorithms.forward import loss_targets, prompt_sharing, shared_prompt_token_logps, token_logps
 from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
 from jaxalign.algorithms.online.config import RLConfig
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
@@ -78,11 +77,11 @@ class OnlineFns:
     Rows that carry a "packing" (`online.packing`) run packed and are read back into the row view."""
     kwargs = dict(temperature=self.rl.temperature, impl=self.fns.op["impl"], return_entropy=entropy)
     packing, n = rows.get("packing"), self.rl.max_new_tokens
-    if packing is None and self.shares_prompts(rows):
+    sharing = self.prompt_sharing(rows) if packing is None else 1
+    if sharing > 1:
       prompt = rows["input_ids"].shape[1] - n
       floor = None if floor is None else floor[:, -n:]
-      logps, mask, *entropies = shared_prompt_token_logps(model, rows, prompt, self.prompt_group, logit_floor=floor,
-                                                          **kwargs)
+      logps, mask, *entropies = shared_prompt_token_logps(model, rows, prompt, sharing, logit_floor=floor, **kwargs)
       return logps, mask, entropies[0] if entropy else None
     if packing is None:
       out = token_logps(model, rows, logit_floor=floor, **kwargs)
@@ -96,10 +95,9 @@ class OnlineFns:
     """These passes on rollout rows in whole groups (rl.share_prompt): each prompt computed once."""
     return dataclasses.replace(self, prompt_group=self.rl.group_size) if self.rl.share_prompt else self
 
-  def shares_prompts(self, rows) -> bool:
-    """Whether `rows` run with shared prompts: groups of `prompt_group` rows that split over the batch shards
-    as the rows do (each shard then holds its rows' prompts)."""
-    return self.prompt_group > 1 and prompt_groups_split_like_rows(rows["input_ids"].shape[0], self.prompt_group)
+  def prompt_sharing(self, rows) -> int:
+    """How many consecutive rows of `rows` run one computation of their prompt (`forward.prompt_sharing`)."""
+    return prompt_sharing(rows["input_ids"].shape[0], self.prompt_group)
 
   def generate(self, policy, prompts: dict, key, group_size: int, sampling: SamplingConfig | None = None):
     """Rollout of `group_size` samples of each prompt (one prefill per prompt), on the policy's weights
