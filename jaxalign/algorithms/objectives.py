@@ -170,6 +170,7 @@ _BY_INPUT = {
 }
 REFERENCE_FREE = {"cpo", "simpo", "orpo", "slic", "pmle", "preference_distillation"}
 REWARD_LOSSES = {"bradley_terry": ("preference", reward_pair_stats, pair_counts),
+                 "thurstone": ("preference", reward_pair_stats, pair_counts),
                  "rm_all_pairs": ("ranked", reward_list_stats, list_counts),
                  "rm_plackett_luce": ("ranked", reward_list_stats, list_counts)}
 

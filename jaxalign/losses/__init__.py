@@ -44,7 +44,7 @@ from jaxalign.losses.reductions import masked_var, packed_loss_mask, segment_sum
 from jaxalign.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
 from jaxalign.losses.registry import available, get, hyperparameters, input_type, register
 from jaxalign.losses.reinforce import reinforce_loss, rloo_loss
-from jaxalign.losses.reward import all_pairs_ranking_loss, bradley_terry_loss
+from jaxalign.losses.reward import all_pairs_ranking_loss, bradley_terry_loss, thurstone_loss
 from jaxalign.losses.reward import plackett_luce_ranking_loss
 from jaxalign.losses.sft import sft_loss
 from jaxalign.losses.shaping import kl_penalised_scores, kl_shaped_rewards, normalize_scores
@@ -67,6 +67,6 @@ __all__ = [
     "reinforce_advantages", "reinforce_loss", "reinforce_pp_advantages", "reinforce_pp_loss",
     "remax_advantages", "RewardList", "RewardPair", "rkl_loss", "rkl_token_rewards",
     "rloo_advantages", "rloo_loss", "robust_dpo_loss", "rpo_loss", "segment_sums", "sequence_kl",
-    "sequence_sums", "sft_loss", "simpo_loss", "slic_loss", "TokenBatch", "UnpairedStats",
+    "sequence_sums", "sft_loss", "simpo_loss", "slic_loss", "thurstone_loss", "TokenBatch", "UnpairedStats",
     "whiten"
 ]

@@ -20,6 +20,7 @@ _REGISTRY: dict[str, tuple[LossFn, type]] = {
     # supervised and reward models
     "sft": (sft.sft_loss, TokenBatch),
     "bradley_terry": (reward.bradley_terry_loss, RewardPair),
+    "thurstone": (reward.thurstone_loss, RewardPair),
     "rm_all_pairs": (reward.all_pairs_ranking_loss, RewardList),
     "rm_plackett_luce": (reward.plackett_luce_ranking_loss, RewardList),
     # policy-gradient losses (advantages from jaxalign.losses.advantages)

@@ -1,4 +1,4 @@
-"""Reward-model losses: Bradley-Terry (+ margin, + centering), all-pairs and Plackett-Luce rankings.
+"""Reward-model losses: Bradley-Terry and Thurstone (+ margin, + centering), all-pairs and Plackett-Luce rankings.
 
 OBJECTIVES.md §3. Scores are the value head read at the last non-pad (EOS) token of each sequence.
 """
@@ -28,11 +28,37 @@ def bradley_terry_loss(batch: RewardPair, *, center_coef: float = 0.01,
   Returns:
     (loss [], metrics: accuracy (strict), margin, rewards/chosen|rejected, reward min/mean/max).
   """
+  return _pairwise_choice(batch, jax.nn.log_sigmoid, center_coef, num_pairs)
+
+
+def thurstone_loss(batch: RewardPair, *, scale: float = 1.0, center_coef: float = 0.01,
+                   num_pairs: Optional[Array] = None) -> tuple[Array, dict]:
+  """L = mean_b -log Phi((r_w - r_l - margin) / scale) + c_center * mean_b (r_w + r_l)^2.
+
+  Thurstone's law of comparative judgment, Case V (Psychological Review 34(4), 1927): each response's
+  utility is its reward plus independent normal noise, so the chosen one wins with probability
+  Phi((r_w - r_l) / scale), `scale` the standard deviation of the utility difference (the probit model beside
+  Bradley-Terry's logit; Zeng et al.'s survey frames both as discrete-choice models of the preference).
+  Margin and centering as in `bradley_terry_loss`.
+
+  Args:
+    batch: RewardPair with `chosen`, `rejected` and optional `margin`, [B] each.
+    scale: standard deviation of the utility difference (> 0).
+    center_coef: c_center.
+    num_pairs: step-level pair count for gradient accumulation; default B.
+  Returns:
+    (loss [], metrics as `bradley_terry_loss`).
+  """
+  return _pairwise_choice(batch, lambda z: jax.scipy.special.log_ndtr(z / scale), center_coef, num_pairs)
+
+
+def _pairwise_choice(batch: RewardPair, log_prob_chosen, center_coef, num_pairs):
+  """mean_b -log P(chosen wins | r_w - r_l - margin) + c_center * mean_b (r_w + r_l)^2, and the pair metrics."""
   r_w, r_l = as_float(batch.chosen), as_float(batch.rejected)
-  logit = r_w - r_l
+  gap = r_w - r_l
   if batch.margin is not None:
-    logit = logit - as_float(batch.margin)
-  loss = mean_over(-jax.nn.log_sigmoid(logit), num_pairs)
+    gap = gap - as_float(batch.margin)
+  loss = mean_over(-log_prob_chosen(gap), num_pairs)
   center = mean_over((r_w + r_l) ** 2, num_pairs)
   loss = loss + center_coef * center
   both = jnp.concatenate([r_w, r_l])

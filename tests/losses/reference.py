@@ -181,6 +181,13 @@ def bradley_terry(r_w, r_l, margin=None, center_coef=0.0):
   return loss + center_coef * np.mean((r_w + r_l) ** 2)
 
 
+def thurstone(r_w, r_l, margin, scale, center_coef):
+  """-log Phi((r_w - r_l - margin) / scale), Phi from the complementary error function in float64."""
+  z = (r_w - r_l - margin) / scale
+  log_phi = [math.log(0.5 * math.erfc(-x / math.sqrt(2.0))) for x in z]
+  return -np.mean(log_phi) + center_coef * np.mean((r_w + r_l) ** 2)
+
+
 def ranking(labels_row):
   """Indices best first; Python's sort is stable, so ties keep list order."""
   return sorted(range(len(labels_row)), key=lambda i: -labels_row[i])

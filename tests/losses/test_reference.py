@@ -193,6 +193,9 @@ def test_reward_models(seed):
   check(lambda a: L.bradley_terry_loss(L.RewardPair(a["rw"], a["rl"], a["margin"]),
                                        center_coef=0.05)[0],
         lambda x, _: ref.bradley_terry(x["rw"], x["rl"], x["margin"], 0.05), d, wrt=("rw", "rl"))
+  for scale in (1.0, 0.6):
+    check(lambda a: L.thurstone_loss(L.RewardPair(a["rw"], a["rl"], a["margin"]), scale=scale, center_coef=0.05)[0],
+          lambda x, _: ref.thurstone(x["rw"], x["rl"], x["margin"], scale, 0.05), d, wrt=("rw", "rl"))
   lists = list_data(seed)
   d = dict(r=lists["policy"] / 10, labels=lists["labels"])
   check(lambda a: L.all_pairs_ranking_loss(L.RewardList(a["r"], a["labels"]))[0],

@@ -11,7 +11,7 @@ from jaxalign import losses as L
 from jaxalign.losses import registry
 
 REQUIRED = [
-    "sft", "bradley_terry", "rm_all_pairs", "rm_plackett_luce", "ppo", "grpo", "dr_grpo", "dapo",
+    "sft", "bradley_terry", "thurstone", "rm_all_pairs", "rm_plackett_luce", "ppo", "grpo", "dr_grpo", "dapo",
     "gspo", "cispo", "reinforce", "rloo", "reinforce_pp", "dpo", "cdpo", "robust_dpo", "ipo",
     "hinge", "slic", "rdpo", "dpop", "f_dpo", "nca", "bco", "kto", "cpo", "simpo", "orpo", "rpo",
     "npo", "dpo_pl", "lipo_lambda", "pmle", "preference_distillation", "rkl",

@@ -53,10 +53,10 @@ def test_sft_with_packing_trains(stage):
 
 @pytest.mark.parametrize("loss_name", sorted(REWARD_LOSSES))
 def test_reward_model_trains(stage, loss_name):
-  fmt = "preference" if loss_name == "bradley_terry" else "ranked"
+  fmt = REWARD_LOSSES[loss_name][0]
   before, after, moved = run_steps(stage(algorithm="reward", loss__name=loss_name, data__format=fmt))
   assert_trains(before, after, moved)
-  assert ("accuracy" if loss_name == "bradley_terry" else "ranking/pairwise_accuracy") in after
+  assert ("accuracy" if fmt == "preference" else "ranking/pairwise_accuracy") in after
 
 
 def test_lora_trains_only_adapters_and_uses_base_as_reference(stage):
