@@ -21,18 +21,24 @@ sg = jax.lax.stop_gradient
 
 
 def whiten(x: Array, mask: Array, *, shift_mean: bool = True, ddof: int = 1,
-           eps: float = 1e-8) -> Array:
-  """(x - mean_m(x)) / sqrt(var_m(x) + eps) over all valid entries (OBJECTIVES.md §1.5).
+           eps: float = 1e-8, eps_on: str = "variance") -> Array:
+  """(x - mean_m(x)) / sqrt(var_m(x) + eps) over all valid entries (OBJECTIVES.md §1.5), or with
+  eps_on="std" (x - mean_m(x)) / (std_m(x) + eps) (TRL's RLOO advantage normalisation, eps 1e-4).
 
   Args:
     x, mask: same shape, e.g. [B, T]. shift_mean: False adds the mean back (TRL reward whitening,
       "keep_mean"). ddof: 1 = Bessel-corrected variance (TRL), 0 = population variance.
+    eps_on: "variance" or "std": where eps is added.
   Returns:
     Whitened x, 0 on masked entries.
   """
+  if eps_on not in ("variance", "std"):
+    raise ValueError(f"whiten: eps_on={eps_on!r}; choose variance or std")
   x = as_float(x)
   mean = masked_mean(x, mask)
-  out = (x - mean) * jax.lax.rsqrt(masked_var(x, mask, ddof=ddof) + eps)
+  var = masked_var(x, mask, ddof=ddof)
+  scale = jax.lax.rsqrt(var + eps) if eps_on == "variance" else 1.0 / (jnp.sqrt(var) + eps)
+  out = (x - mean) * scale
   if not shift_mean:
     out = out + mean
   return jnp.where(jnp.asarray(mask) > 0, out, 0.0)

@@ -45,9 +45,9 @@ def mean_var(values, ddof):
   return mean, (((values - mean) ** 2).sum() / dof if dof > 0 else 0.0)
 
 
-def whiten(x, mask, ddof=1, shift_mean=True, eps=1e-8):
+def whiten(x, mask, ddof=1, shift_mean=True, eps=1e-8, eps_on="variance"):
   mean, var = mean_var(x[mask > 0], ddof)
-  out = (x - mean) / math.sqrt(var + eps)
+  out = (x - mean) / (math.sqrt(var + eps) if eps_on == "variance" else math.sqrt(var) + eps)
   if not shift_mean:
     out = out + mean
   return np.where(mask > 0, out, 0.0)

@@ -309,6 +309,9 @@ def test_building_blocks(seed):
   for ddof, shift in [(1, True), (0, True), (1, False)]:
     close(L.whiten(a["values"], a["mask"], ddof=ddof, shift_mean=shift),
           ref.whiten(d["values"], d["mask"], ddof, shift))
+  small = d["values"] * 1e-3  # std near eps: the two placements of eps differ
+  close(L.whiten(jnp.asarray(small), a["mask"], eps=1e-4, eps_on="std"),
+        ref.whiten(small, d["mask"], 1, True, 1e-4, "std"))
   close(L.reinforce_pp_advantages(a["returns"], a["mask"]),
         ref.reinforce_pp_advantages(d["returns"], d["mask"]))
   lengths = rng.integers(0, 30, 8).astype(float)

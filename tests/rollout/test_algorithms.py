@@ -466,6 +466,18 @@ def test_rloo_leave_one_out_baseline(kl_coef):
   np.testing.assert_allclose(adv, (rewards - baseline).reshape(-1), rtol=RTOL, atol=ATOL)
 
 
+def test_rloo_normalised_advantages_divide_by_std_plus_1e_4_as_trl():
+  scores = [1.0, 0.5, 0.0, 0.3, 0.9, 0.6]
+  s, _ = make_scored(scores, seed=9)
+  plain, _ = RLOO().advantages(fake_ctx(), None, None, s, None)
+  normalised, _ = RLOO().advantages(fake_ctx(normalize_advantages=True), None, None, s, None)
+  a = np.asarray(plain, np.float64)  # TRL: (a - mean) / (std (Bessel) + 1e-4) over the rows
+  np.testing.assert_allclose(normalised, (a - a.mean()) / (a.std(ddof=1) + 1e-4), rtol=RTOL, atol=ATOL)
+  with pytest.raises(ValueError, match="rl.normalize_advantages applies to rloo"):
+    ALGORITHMS["grpo"].check(RLConfig(normalize_advantages=True), {}, 4)
+  RLOO().check(RLConfig(normalize_advantages=True), {}, 4)
+
+
 def test_rloo_worked_example_of_objectives_7_2():
   s, _ = make_scored(np.zeros(R))
   s = s._replace(scores=jnp.asarray([1.0, 0.5, 0.0, 0.3]), group_ids=jnp.zeros(4, jnp.int32), num_groups=1)

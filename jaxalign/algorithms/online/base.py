@@ -64,6 +64,7 @@ class Algorithm:
   # Whether the update units' rows are the rollout's rows in order (whole groups, consecutive), so that a
   # single-minibatch update can run each prompt once (rl.share_prompt).
   units_keep_groups: bool = False
+  normalizes_advantages: bool = False  # honours rl.normalize_advantages
 
   def uses_reference(self, rl, loss_params: dict) -> bool:
     """Whether the step runs the frozen reference (a KL term as a loss: rl.kl_loss_coef)."""
@@ -83,6 +84,9 @@ class Algorithm:
 
   def check(self, rl, loss_params: dict, prompts: int) -> None:
     """ValueError (one line) for `rl.*` settings this algorithm cannot honour (`prompts` per step)."""
+    if rl.normalize_advantages and not self.normalizes_advantages:
+      raise ValueError("rl.normalize_advantages applies to rloo (TRL's RLOO normalisation); this algorithm "
+                       "normalises its advantages its own way")
     units = prompts * self.units_per_prompt(rl)
     if units % rl.minibatches:
       raise ValueError(f"rl.minibatches={rl.minibatches} does not divide the {units} update units of a step "

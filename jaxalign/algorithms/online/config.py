@@ -42,6 +42,9 @@ class RLConfig:
   # pass, policy-gradient algorithms) update passes, its completions attending to it (`Decoder.shared_prefix`):
   # exact, and (G - 1) / G of the prompt tokens' compute saved. Off, or packed passes: every row runs whole.
   share_prompt: bool = True
+  # RLOO: advantages normalised over the step's rows to mean 0, divided by their std + 1e-4 (TRL's
+  # RLOOTrainer normalize_advantages).
+  normalize_advantages: bool = False
   is_cap: float = 0.0  # truncated importance weight on sampler / trainer log-prob mismatch (0: off)
   rft_threshold: float = 0.5  # rejection sampling keeps the best sample when its reward reaches this
   gamma: float = 1.0  # PPO: GAE discount
