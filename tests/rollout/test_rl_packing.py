@@ -83,6 +83,19 @@ def top_k_floor(rows, k: int, temperature: float):
   return jnp.minimum(kth, target) - 1e-3
 
 
+def assert_same_passes(got, want):
+  """`passes` outputs ((total, (logps, mask, entropy, values)), grads) equal: the masked per-token values, the
+  total and the gradients."""
+  (total, (logps, mask, entropy, values)), grads = want
+  (g_total, (g_logps, g_mask, g_entropy, g_values)), g_grads = got
+  np.testing.assert_array_equal(g_mask, mask)
+  for a, b in ((g_logps, logps), (g_entropy, entropy), (g_values, values)):
+    np.testing.assert_allclose(a * mask, b * mask, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_total, total, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
 # Packed rows twice the rollout rows' length on one device; on a 4-shard mesh (4 rows per shard) their length.
 @pytest.mark.parametrize("mesh_shape, length", [(None, 2 * (PROMPT + NEW)), ((2, 2, 1), 0)])
 def test_packed_passes_equal_the_padded_ones_with_gradients(mesh_shape, length):
@@ -107,15 +120,9 @@ def test_packed_passes_equal_the_padded_ones_with_gradients(mesh_shape, length):
   assert float(metrics["packed_fraction"]) == 1.0 and float(fallback_metrics["packed_fraction"]) == 0.0
   assert real < float(metrics["pack_fill"]) <= 1.0  # fuller rows than the padded ones
 
-  (total, (logps, mask, entropy, values)), grads = padded
   for other in (packed, fallback):
-    (o_total, (o_logps, o_mask, o_entropy, o_values)), o_grads = other
-    np.testing.assert_array_equal(o_mask, mask)
-    for a, b in ((o_logps, logps), (o_entropy, entropy), (o_values, values)):
-      np.testing.assert_allclose(a * mask, b * mask, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(o_total, total, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(o_grads), jax.tree.leaves(grads)):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    assert_same_passes(other, padded)
+  logps, mask = padded[0][1][:2]
   # The floor matters: the full distribution's log-probs are lower wherever it cut the vocabulary.
   full = ctx.completion_logps(nnx.merge(graphdef, policy_params), rows, None)[0]
   assert float(jnp.max((logps - full) * mask)) > 0.1
@@ -166,15 +173,8 @@ def test_shared_prompt_passes_equal_whole_rows_with_gradients(mesh_shape, groups
     rows, floor = jax.device_put((rows, floor), sharding.batch_sharding(mesh, 2))
   with sharding.use_mesh(mesh) if mesh_shape else contextlib.nullcontext():
     assert shared.prompt_sharing(rows) == sharing and whole.prompt_sharing(rows) == 1
-    (total, (logps, mask, entropy, values)), grads = run(whole)(rows, floor)
-    (s_total, (s_logps, s_mask, s_entropy, s_values)), s_grads = run(shared)(rows, floor)
+    assert_same_passes(run(shared)(rows, floor), run(whole)(rows, floor))
     flops = [run(ctx).lower(rows, floor).compile().cost_analysis()["flops"] for ctx in (whole, shared)]
-  np.testing.assert_array_equal(s_mask, mask)
-  for a, b in ((s_logps, logps), (s_entropy, entropy), (s_values, values)):
-    np.testing.assert_allclose(a * mask, b * mask, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(s_total, total, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
   # Each prompt ran once: the policy passes (forward and backward) cover 6 + 4 x 6 tokens per group, not 4 x 12
   # (the critic's pass stays whole).
   if mesh_shape is None:
