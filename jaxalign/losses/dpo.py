@@ -11,6 +11,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxalign.losses.fdpo import f_scores
 from jaxalign.losses.stats import Array, PairStats, as_float, check, finish, mean_over
 from jaxalign.losses.stats import pair_lengths, pair_logratios, pair_metrics
 
@@ -55,15 +56,18 @@ def cdpo_loss(batch: PairStats, *, beta: float = 0.1, eps: float = 0.1,
 
 
 def robust_dpo_loss(batch: PairStats, *, beta: float = 0.1, eps: float = 0.1,
+                    divergence: str = "reverse_kl", alpha: float = 0.5,
                     num_pairs: Optional[Array] = None) -> tuple[Array, dict]:
   """Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409) (OBJECTIVES.md §9.3).
 
   L = mean_b [(-(1-eps) logsig(beta h) + eps logsig(-beta h)) / (1 - 2 eps)]: unbiased under label
-  flips with rate eps, unbounded below as h -> +inf.
+  flips with rate eps, unbounded below as h -> +inf. `divergence` / `alpha`: h from TRL's
+  f-divergence scores f'(exp(l)) (`fdpo.f_scores`, TRL `f_divergence_type`); default l.
   """
   check(lambda: 0 <= eps < 0.5, f"robust_dpo: eps must be in [0, 0.5), got {eps}")
   l_w, l_l = pair_logratios(batch, "robust_dpo")
-  z = beta * (l_w - l_l)
+  s_w, s_l = f_scores(l_w, l_l, divergence, alpha, "robust_dpo")
+  z = beta * (s_w - s_l)
   per_pair = (-(1.0 - eps) * logsig(z) + eps * logsig(-z)) / (1.0 - 2.0 * eps)
   return finish(mean_over(per_pair, num_pairs), pair_metrics(batch, beta * l_w, beta * l_l))
 

@@ -1,4 +1,4 @@
-"""Reference-free preference losses: CPO, SimPO, ORPO (OBJECTIVES.md §9.12-§9.14).
+"""Reference-free preference losses: CPO, SimPO (CPO-SimPO, AlphaPO), ORPO (OBJECTIVES.md §9.12-§9.14).
 
 Inputs are `PairStats`; the `ref_*` fields are ignored. `n_chosen` / `n_rejected` are needed for
 average log-probs A = S / n (SimPO, ORPO) and for the token-mean NLL (CPO, ORPO). `num_pairs` /
@@ -11,46 +11,93 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses.dpo import chosen_nll
+from jaxalign.losses.kl import EXP_CLAMP
 from jaxalign.losses.stats import Array, PairStats, as_float, check, finish, mean_over
 from jaxalign.losses.stats import pair_lengths, pair_metrics
 
 logsig = jax.nn.log_sigmoid
 
 
-def cpo_loss(batch: PairStats, *, beta: float = 0.1, alpha: float = 1.0,
-             nll_reduction: str = "token_mean", num_pairs: Optional[Array] = None,
-             num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
-  """CPO, Xu et al. 2024 (arXiv:2401.08417) (OBJECTIVES.md §9.12).
+def alphapo_reward(x: Array, reward_alpha: float) -> Array:
+  """AlphaPO reward shape (Gupta et al. 2025, arXiv:2501.03884): r = (1 - exp(-alpha x)) / alpha.
 
-  L = mean_b -logsig(beta (S(y_w) - S(y_l))) + alpha * NLL(y_w). NLL is TRL's token mean
-  -sum S_w / sum n_w by default; `nll_reduction="sequence_sum"` is the paper's mean_b -S(y_w).
-  Rewards in the metrics are beta * S (TRL).
+  x is a (summed or average) log-prob, so exp(-alpha x) = p^(-alpha) as in TRL's CPO `alpha`; alpha = 0
+  is the limit r = x. Computed as -expm1(-alpha x) / alpha with the exponent clamped at EXP_CLAMP;
+  `reward_alpha` may be traced (a where, not a Python branch).
+  """
+  a = jnp.asarray(reward_alpha, x.dtype)
+  safe_a = jnp.where(a == 0, 1.0, a)
+  return jnp.where(a == 0, x, -jnp.expm1(jnp.minimum(-safe_a * x, EXP_CLAMP)) / safe_a)
+
+
+def _smoothed(z: Array, label_smoothing: float, loss: str) -> Array:
+  """-(1-eps) logsig(z) - eps logsig(-z) (cDPO-style label smoothing, TRL CPO `label_smoothing`)."""
+  check(lambda: 0 <= label_smoothing <= 0.5,
+        f"{loss}: label_smoothing must be in [0, 0.5], got {label_smoothing}")
+  return -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
+
+
+def cpo_loss(batch: PairStats, *, beta: float = 0.1, alpha: float = 1.0,
+             nll_reduction: str = "token_mean", label_smoothing: float = 0.0, reward_alpha: float = 0.0,
+             num_pairs: Optional[Array] = None,
+             num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
+  """CPO, Xu et al. 2024 (arXiv:2401.08417) Eq. (3) + NLL (OBJECTIVES.md §9.12), TRL CPO `sigmoid`.
+
+  L = mean_b [-(1-eps) logsig(beta (r(y_w) - r(y_l))) - eps logsig(-beta (...))] + alpha * NLL(y_w),
+  r = S (summed log-prob). NLL is TRL's token mean -sum S_w / sum n_w by default;
+  `nll_reduction="sequence_sum"` is the paper's mean_b -S(y_w). eps = `label_smoothing` (TRL CPOConfig
+  `label_smoothing`, conservative CPO; 0 = the paper). `reward_alpha` != 0 applies TRL's AlphaPO reward
+  r = (1 - exp(-reward_alpha S)) / reward_alpha (`alphapo_reward`; TRL CPOConfig `alpha`) on the summed
+  log-probs. Rewards in the metrics are beta * r (TRL).
   """
   s_w, s_l = as_float(batch.policy_chosen), as_float(batch.policy_rejected)
-  pref = mean_over(-logsig(beta * (s_w - s_l)), num_pairs)
+  r_w, r_l = alphapo_reward(s_w, reward_alpha), alphapo_reward(s_l, reward_alpha)
+  pref = mean_over(_smoothed(beta * (r_w - r_l), label_smoothing, "cpo"), num_pairs)
   nll, num, den = chosen_nll(batch, nll_reduction, "cpo", num_pairs=num_pairs,
                              num_tokens=num_tokens)
-  metrics = pair_metrics(batch, beta * s_w, beta * s_l)
+  metrics = pair_metrics(batch, beta * r_w, beta * r_l)
   metrics.update({"pref_loss": pref, "nll_loss": nll, "nll/numerator": num, "nll/denominator": den})
   return finish(pref + alpha * nll, metrics)
 
 
 def simpo_loss(batch: PairStats, *, beta: float = 2.0, gamma: float = 0.5,
-               label_smoothing: float = 0.0,
-               num_pairs: Optional[Array] = None) -> tuple[Array, dict]:
-  """SimPO, Meng et al. 2024 (arXiv:2405.14734) Eq. (6) (OBJECTIVES.md §9.13).
+               label_smoothing: float = 0.0, alpha: float = 0.0, reward_alpha: float = 0.0,
+               nll_reduction: str = "token_mean", num_pairs: Optional[Array] = None,
+               num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
+  """SimPO, Meng et al. 2024 (arXiv:2405.14734) Eq. (6) (OBJECTIVES.md §9.13), TRL CPO `simpo`.
 
-  L = mean_b -logsig(beta (A(y_w) - A(y_l)) - gamma), A = S / n. gamma is a reward margin
-  (= beta * gamma_beta_ratio of the reference code; defaults beta 2.0, gamma 0.5). Optional
-  cDPO-style label smoothing. Rewards in the metrics are beta * A.
+  L = mean_b -logsig(beta (r(y_w) - r(y_l)) - gamma), r = A = S / n. gamma is a reward margin
+  (= beta * gamma_beta_ratio of the reference code; = TRL `simpo_gamma`; defaults beta 2.0, gamma 0.5).
+  Optional cDPO-style label smoothing. Rewards in the metrics are beta * r.
+
+  * `alpha` > 0 adds alpha * NLL(y_w) (token mean by default, see `cpo_loss`): CPO-SimPO, TRL
+    CPOTrainer `loss_type="simpo"` with `cpo_alpha` = alpha (TRL's default cpo_alpha is 1.0; 0 = SimPO).
+  * `reward_alpha` != 0: AlphaPO (Gupta et al. 2025, arXiv:2501.03884), r = (1 - exp(-reward_alpha A))
+    / reward_alpha on the average log-probs (`alphapo_reward`; TRL CPOConfig `alpha`); 0 = SimPO.
   """
-  check(lambda: 0 <= label_smoothing <= 0.5,
-        f"simpo: label_smoothing must be in [0, 0.5], got {label_smoothing}")
   n_w, n_l = pair_lengths(batch, "simpo")
   a_w, a_l = as_float(batch.policy_chosen) / n_w, as_float(batch.policy_rejected) / n_l
-  z = beta * (a_w - a_l) - gamma
-  per_pair = -(1.0 - label_smoothing) * logsig(z) - label_smoothing * logsig(-z)
-  return finish(mean_over(per_pair, num_pairs), pair_metrics(batch, beta * a_w, beta * a_l))
+  r_w, r_l = alphapo_reward(a_w, reward_alpha), alphapo_reward(a_l, reward_alpha)
+  pref = mean_over(_smoothed(beta * (r_w - r_l) - gamma, label_smoothing, "simpo"), num_pairs)
+  nll, num, den = chosen_nll(batch, nll_reduction, "simpo", num_pairs=num_pairs, num_tokens=num_tokens)
+  metrics = pair_metrics(batch, beta * r_w, beta * r_l)
+  metrics.update({"pref_loss": pref, "nll_loss": nll, "nll/numerator": num, "nll/denominator": den})
+  return finish(pref + alpha * nll, metrics)
+
+
+def alphapo_loss(batch: PairStats, *, beta: float = 2.5, gamma: float = 0.1, reward_alpha: float = 0.25,
+                 label_smoothing: float = 0.0,
+                 num_pairs: Optional[Array] = None) -> tuple[Array, dict]:
+  """AlphaPO, Gupta et al. 2025 (arXiv:2501.03884), TRL CPOTrainer `loss_type="alphapo"`.
+
+  SimPO with the reward shape r = (1 - exp(-alpha A)) / alpha on average log-probs A = S / n
+  (alpha = `reward_alpha`; alpha -> 0 gives SimPO's r = A) and no NLL term (TRL sets cpo_alpha = 0):
+    L = mean_b -logsig(beta (r(y_w) - r(y_l)) - gamma).
+  Defaults are the paper's Mistral-Instruct setting as quoted in TRL's paper index (Table 3: alpha 0.25,
+  beta 2.5, gamma 0.1); tune per model. Rewards in the metrics are beta * r.
+  """
+  return simpo_loss(batch, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+                    reward_alpha=reward_alpha, num_pairs=num_pairs)
 
 
 def log1mexp(x: Array) -> Array:

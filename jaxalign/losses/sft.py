@@ -1,12 +1,14 @@
-"""SFT negative log-likelihood on completion tokens (OBJECTIVES.md §2).
+"""SFT negative log-likelihood on completion tokens (OBJECTIVES.md §2), and its DFT reweighting.
 
 Standard MLE as used in the RLHF pipeline (InstructGPT, arXiv:2203.02155, §3.5); DeepSeekMath
 (arXiv:2402.03300) App. A.1.1 writes it with a per-sequence 1/|o|. Packed rows: build the mask with
 `reductions.packed_loss_mask` so that no target crosses a document boundary (§1.3).
+DFT (Wu et al. 2025, arXiv:2508.05629) weights each token's NLL by its detached probability.
 """
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
 from jaxalign.losses.reductions import aggregate, divide, masked_mean
@@ -33,14 +35,43 @@ def sft_loss(batch: TokenBatch, *, reduction: str = "token_mean",
   Returns:
     (loss [], metrics: loss, num_tokens, numerator, denominator, mean_token_accuracy, entropy).
   """
+  return _weighted_nll(batch, "sft", dft=False, reduction=reduction, num_tokens=num_tokens,
+                       num_sequences=num_sequences)
+
+
+def dft_loss(batch: TokenBatch, *, reduction: str = "token_mean",
+             num_tokens: Optional[Array] = None,
+             num_sequences: Optional[Array] = None) -> tuple[Array, dict]:
+  """DFT, Dynamic Fine-Tuning (Wu et al. 2025, arXiv:2508.05629; TRL SFTConfig loss_type="dft").
+
+  The paper's L_DFT = E[-sum_t sg(pi(y_t | y_<t, x)) log pi(y_t | y_<t, x)] (as in TRL's paper index);
+  here L = -sum_{b,t} m sg(exp(lp)) lp / sum_{b,t} m: each token's NLL weighted by its detached
+  probability ("reward rectification" of the SFT gradient, which the paper shows is a policy gradient
+  with an implicit reward 1/pi). The paper writes a per-sequence sum; TRL (and the default here)
+  divides by the token count (`num_items_in_batch`), exact over micro-batches with `num_tokens`.
+  The gradient is -sum m exp(lp) d lp / N_tok.
+
+  Args / Returns: as `sft_loss`, plus the metric nll = the plain SFT token-mean NLL (not accumulated).
+  """
+  return _weighted_nll(batch, "dft", dft=True, reduction=reduction, num_tokens=num_tokens,
+                       num_sequences=num_sequences)
+
+
+def _weighted_nll(batch: TokenBatch, name: str, *, dft: bool, reduction: str,
+                  num_tokens: Optional[Array], num_sequences: Optional[Array]) -> tuple[Array, dict]:
+  """-w lp aggregated by `reduction`, with w = 1 (SFT) or w = sg(exp(lp)) (DFT)."""
   check(reduction in SFT_REDUCTIONS,
-        f"unknown SFT reduction '{reduction}'; choose one of {list(SFT_REDUCTIONS)}")
+        f"unknown {name.upper()} reduction '{reduction}'; choose one of {list(SFT_REDUCTIONS)}")
   batch = zero_masked(batch)
   mask = as_float(batch.mask)
-  num, den = aggregate(-as_float(batch.logps), mask, SFT_REDUCTIONS[reduction],
+  lp = as_float(batch.logps)
+  per_token = -jax.lax.stop_gradient(jnp.exp(lp)) * lp if dft else -lp
+  num, den = aggregate(per_token, mask, SFT_REDUCTIONS[reduction],
                        num_tokens=num_tokens, num_sequences=num_sequences)
   loss = divide(num, den)
   metrics = {"num_tokens": jnp.sum(mask), "numerator": num, "denominator": den}
+  if dft:
+    metrics["nll"] = masked_mean(-lp, mask)
   if batch.correct is not None:
     metrics["mean_token_accuracy"] = masked_mean(as_float(batch.correct), mask)
   if batch.entropy is not None:

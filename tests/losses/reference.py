@@ -417,6 +417,136 @@ def pmle(P, gamma=0.01):
   return _pairs(P, lambda b: -logsig(gamma * (P["pc"][b] - P["pr"][b])))
 
 
+# ---- TRL DPOTrainer / CPOTrainer variants (dpo_variants.py, f-divergence scores, CPO options) ------
+
+
+def _l(P, b):
+  """l(y_w), l(y_l) = S - S_ref of pair b."""
+  return P["pc"][b] - P["rc"][b], P["pr"][b] - P["rr"][b]
+
+
+def f_score(l, divergence="reverse_kl", alpha=0.5):
+  """TRL's f-divergence score f'(u) at u = exp(l), additive constants included."""
+  u = math.exp(l)
+  return {"reverse_kl": math.log(u), "forward_kl": 1 - 1 / u, "js": math.log(2 * u / (1 + u)),
+          "alpha": (1 - u ** (-alpha)) / alpha}[divergence]
+
+
+def _h_f(P, b, divergence, alpha):
+  l_w, l_l = _l(P, b)
+  return f_score(l_w, divergence, alpha) - f_score(l_l, divergence, alpha)
+
+
+def _smoothed(z, eps):
+  return -(1 - eps) * logsig(z) - eps * logsig(-z)
+
+
+def exo_pair(P, beta=0.1, label_smoothing=1e-3, divergence="reverse_kl", alpha=0.5):
+  """KL(q || p) over {y_w, y_l}: q = softmax(beta * scores), p = (1 - eps, eps)."""
+  def one(b):
+    q_w = sigmoid(beta * _h_f(P, b, divergence, alpha))
+    q = (q_w, 1 - q_w)
+    p = (1 - label_smoothing, label_smoothing)
+    return sum(q[k] * (math.log(q[k]) - math.log(p[k])) for k in range(2))
+  return _pairs(P, one)
+
+
+def sppo_hard(P, beta=0.1):
+  def one(b):
+    l_w, l_l = _l(P, b)
+    return (l_w - 1 / (2 * beta)) ** 2 + (l_l + 1 / (2 * beta)) ** 2
+  return _pairs(P, one)
+
+
+def aot(P, beta=0.1, label_smoothing=0.0):
+  margin = sorted(P["pc"][b] - P["pr"][b] for b in range(P["pc"].size))
+  ref_margin = sorted(P["rc"][b] - P["rr"][b] for b in range(P["pc"].size))
+  return np.mean([_smoothed(beta * (m - r), label_smoothing) for m, r in zip(margin, ref_margin)])
+
+
+def aot_unpaired(P, beta=0.1, label_smoothing=0.0):
+  chosen = sorted(_l(P, b)[0] for b in range(P["pc"].size))
+  rejected = sorted(_l(P, b)[1] for b in range(P["pc"].size))
+  return np.mean([_smoothed(beta * (w - l), label_smoothing) for w, l in zip(chosen, rejected)])
+
+
+def apo_zero(P, beta=0.1):
+  def one(b):
+    l_w, l_l = _l(P, b)
+    return (1 - sigmoid(beta * l_w)) + sigmoid(beta * l_l)
+  return _pairs(P, one)
+
+
+def apo_down(P, beta=0.1):
+  def one(b):
+    l_w, l_l = _l(P, b)
+    return sigmoid(beta * l_w) + (1 - sigmoid(beta * (l_w - l_l)))
+  return _pairs(P, one)
+
+
+def discopop(P, beta=0.1, tau=0.05, divergence="reverse_kl", alpha=0.5):
+  def one(b):
+    z = beta * _h_f(P, b, divergence, alpha)
+    m = sigmoid(z / tau)
+    return (1 - m) * -logsig(z) + m * math.exp(-z)
+  return _pairs(P, one)
+
+
+def sigmoid_norm(P, beta=0.1, divergence="reverse_kl", alpha=0.5):
+  def one(b):
+    l_w, l_l = _l(P, b)
+    z = beta * (f_score(l_w, divergence, alpha) / P["nc"][b] - f_score(l_l, divergence, alpha) / P["nr"][b])
+    return -logsig(z)
+  return _pairs(P, one)
+
+
+def hinge_f(P, beta=0.1, divergence="reverse_kl", alpha=0.5):
+  return _pairs(P, lambda b: max(0.0, 1 - beta * _h_f(P, b, divergence, alpha)))
+
+
+def robust_dpo_f(P, beta=0.1, eps=0.1, divergence="reverse_kl", alpha=0.5):
+  def one(b):
+    z = beta * _h_f(P, b, divergence, alpha)
+    return (-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)
+  return _pairs(P, one)
+
+
+def ipo_trl(P, tau=0.1, divergence="reverse_kl", alpha=0.5):
+  """TRL's IPO: f-scores divided by the lengths."""
+  def one(b):
+    l_w, l_l = _l(P, b)
+    h = f_score(l_w, divergence, alpha) / P["nc"][b] - f_score(l_l, divergence, alpha) / P["nr"][b]
+    return (h - 1 / (2 * tau)) ** 2
+  return _pairs(P, one)
+
+
+def alphapo_reward(x, reward_alpha):
+  """(1 - p^(-alpha)) / alpha with p = exp(x); x itself at alpha = 0."""
+  if reward_alpha == 0:
+    return x
+  return (1 - math.exp(x) ** (-reward_alpha)) / reward_alpha
+
+
+def cpo_trl(P, beta=0.1, alpha=1.0, label_smoothing=0.0, reward_alpha=0.0, average=False, gamma=0.0):
+  """TRL CPOTrainer: sigmoid (summed log-probs) or simpo/alphapo (average = True, margin gamma), plus
+  alpha * token-mean NLL of the chosen responses."""
+  def one(b):
+    x_w, x_l = P["pc"][b], P["pr"][b]
+    if average:
+      x_w, x_l = x_w / P["nc"][b], x_l / P["nr"][b]
+    logits = alphapo_reward(x_w, reward_alpha) - alphapo_reward(x_l, reward_alpha) - gamma / beta
+    return _smoothed(beta * logits, label_smoothing)
+  return _pairs(P, one) + alpha * (-P["pc"].sum() / P["nc"].sum())
+
+
+def apo_zero_unpaired(policy, ref, desirable, beta=0.1, lambda_d=1.0, lambda_u=1.0):
+  losses = []
+  for i in range(policy.size):
+    l = policy[i] - ref[i]
+    losses.append(lambda_d * (1 - sigmoid(beta * l)) if desirable[i] else lambda_u * sigmoid(beta * l))
+  return np.mean(losses)
+
+
 def preference_distillation(P, gamma=0.1):
   def one(b):
     p_hat = sigmoid(P["sc"][b] - P["sr"][b])
@@ -466,3 +596,151 @@ def lipo_lambda(policy, ref, labels, beta=0.1, log_base=2.0, rank_scores=None):
           acc += weight * -logsig(s[i] - s[j])
     total.append(acc)
   return np.mean(total)
+
+
+# ---- GRPO-family variants (TRL 1.16) and SFT dft ----
+# `keep` is the detached 0/1 token filter (top-entropy tokens, off-policy sequence mask) that multiplies the
+# per-token policy term only; the reference computes it from the fixed (unperturbed) inputs.
+
+
+def quantile_linear(values, q):
+  """q-quantile, linear interpolation between order statistics at h = q (n - 1)."""
+  ordered = sorted(values)
+  h = q * (len(ordered) - 1)
+  lo, hi = math.floor(h), math.ceil(h)
+  return ordered[lo] + (h - lo) * (ordered[hi] - ordered[lo])
+
+
+def top_entropy_keep(entropy, mask, rho):
+  """arXiv:2506.01939: 1 on loss tokens with entropy >= the (1 - rho) quantile of all loss tokens."""
+  threshold = quantile_linear([entropy[b, t] for b, t in np.ndindex(mask.shape) if mask[b, t] > 0], 1.0 - rho)
+  keep = np.zeros(mask.shape)
+  for b, t in np.ndindex(mask.shape):
+    if mask[b, t] > 0 and entropy[b, t] >= threshold:
+      keep[b, t] = 1.0
+  return keep
+
+
+def off_policy_keep(lp, lp_old, adv, mask, delta):
+  """DeepSeek-V3.2 Eq. (9): 0 where A < 0 and the row mean of log(pi_old / pi_theta) > delta, else 1."""
+  adv = per_token_adv(adv, lp.shape)
+  keep = np.ones(lp.shape)
+  for b in range(lp.shape[0]):
+    valid = valid_tokens(mask, b)
+    drift = sum(lp_old[b, t] - lp[b, t] for t in valid) / max(len(valid), 1)
+    for t in range(lp.shape[1]):
+      if adv[b, t] < 0 and drift > delta:
+        keep[b, t] = 0.0
+  return keep
+
+
+def _keep(keep, shape):
+  return np.ones(shape) if keep is None else keep
+
+
+def grpo_kept(lp, mask, lp_old, lp_ref, adv, keep=None, eps_low=0.2, eps_high=0.2, beta=0.04,
+              aggregation="seq_mean_token_mean", max_len=None):
+  """GRPO (DeepSeekMath Eq. (3)) with the policy term of each token multiplied by keep[b, t]."""
+  adv, keep = per_token_adv(adv, lp.shape), _keep(keep, lp.shape)
+  per_token = np.zeros_like(lp)
+  for b, t in np.ndindex(lp.shape):
+    if mask[b, t] > 0:
+      pg = surrogate(math.exp(lp[b, t] - lp_old[b, t]), adv[b, t], eps_low, eps_high)
+      per_token[b, t] = keep[b, t] * pg + beta * kl_token(lp[b, t], lp_ref[b, t], "k3")
+  return aggregate(per_token, mask, aggregation, max_len)
+
+
+def gspo_kept(lp, mask, lp_old, lp_ref, adv, keep=None, eps_low=3e-4, eps_high=4e-4, beta=0.0,
+              aggregation="sequence_mean"):
+  """GSPO with TRL's broadcast-then-filter rule: the sequence loss l_i counts once per kept token.
+
+  sequence_mean: (1/B) sum_i (k_i l_i / n_i + beta mean_t k3);  token_mean: sum_i (k_i l_i + beta
+  sum_t k3) / sum_i n_i;  luspo (arXiv:2602.05261): (1/B) sum_i (k_i l_i + beta sum_t k3)."""
+  keep = _keep(keep, lp.shape)
+  total, tokens = 0.0, 0
+  for b in range(lp.shape[0]):
+    valid = valid_tokens(mask, b)
+    if not valid:
+      continue
+    n = len(valid)
+    s = math.exp(sum(lp[b, t] - lp_old[b, t] for t in valid) / n)
+    kept = sum(keep[b, t] for t in valid)
+    kl_sum = beta * sum(kl_token(lp[b, t], lp_ref[b, t], "k3") for t in valid)
+    pg = surrogate(s, adv[b], eps_low, eps_high)
+    total += (kept * pg + kl_sum) / (n if aggregation == "sequence_mean" else 1)
+    tokens += n
+  return total / (tokens if aggregation == "token_mean" else lp.shape[0])
+
+
+def gspo_token_kept(lp, mask, lp_old, lp_ref, adv, fixed_lp, keep=None, eps_low=3e-4, eps_high=4e-4,
+                    beta=0.0):
+  """GSPO-token: s_{i,t} = s_i(fixed) * pi_theta(t) / pi_theta_fixed(t), token advantages, seq-mean."""
+  adv, keep = per_token_adv(adv, lp.shape), _keep(keep, lp.shape)
+  per_token = np.zeros_like(lp)
+  for b in range(lp.shape[0]):
+    valid = valid_tokens(mask, b)
+    if not valid:
+      continue
+    s = math.exp(sum(fixed_lp[b, t] - lp_old[b, t] for t in valid) / len(valid))
+    for t in valid:
+      s_tok = s * math.exp(lp[b, t] - fixed_lp[b, t])
+      per_token[b, t] = (keep[b, t] * surrogate(s_tok, adv[b, t], eps_low, eps_high)
+                         + beta * kl_token(lp[b, t], lp_ref[b, t], "k3"))
+  return aggregate(per_token, mask, "seq_mean_token_mean")
+
+
+def cispo_kept(lp, mask, lp_old, lp_ref, adv, weight_lp, keep=None, eps_max=5.0, beta=0.0,
+               aggregation="token_mean"):
+  """CISPO with the filter on -w A lp; w = min(pi_fixed / pi_old, eps_max) is a fixed input."""
+  adv, keep = per_token_adv(adv, lp.shape), _keep(keep, lp.shape)
+  per_token = np.zeros_like(lp)
+  for b, t in np.ndindex(lp.shape):
+    if mask[b, t] > 0:
+      w = min(math.exp(weight_lp[b, t] - lp_old[b, t]), eps_max)
+      per_token[b, t] = keep[b, t] * (-w * adv[b, t] * lp[b, t]) + beta * kl_token(lp[b, t], lp_ref[b, t], "k3")
+  return aggregate(per_token, mask, aggregation)
+
+
+def sapo(lp, mask, lp_old, lp_ref, adv, keep=None, tau_pos=1.0, tau_neg=1.05, beta=0.0,
+         aggregation="seq_mean_token_mean", max_len=None, kl_bias_correction=False):
+  """SAPO (arXiv:2511.20347): l = -f(r) A, f(r) = sigmoid(tau (r - 1)) 4 / tau, tau by the sign of A."""
+  adv, keep = per_token_adv(adv, lp.shape), _keep(keep, lp.shape)
+  per_token = np.zeros_like(lp)
+  for b, t in np.ndindex(lp.shape):
+    if mask[b, t] > 0:
+      r = math.exp(lp[b, t] - lp_old[b, t])
+      tau = tau_pos if adv[b, t] > 0 else tau_neg
+      gate = 4.0 / tau / (1.0 + math.exp(-tau * (r - 1.0)))
+      kl = kl_token(lp[b, t], lp_ref[b, t], "k3") * (r if kl_bias_correction else 1.0)
+      per_token[b, t] = keep[b, t] * (-gate * adv[b, t]) + beta * kl
+  return aggregate(per_token, mask, aggregation, max_len)
+
+
+def vespo_phi(lp, lp_old, mask, adv_sign_nonneg, k_pos, lambda_pos, k_neg, lambda_neg):
+  """phi(W) = W^k exp(lambda (1 - W)), W = prod_t pi / mu (log clamped as in the VESPO code)."""
+  log_w = sum(min(max(lp[t] - lp_old[t], -20.0), 20.0) for t in range(lp.size) if mask[t] > 0)
+  w = math.exp(min(max(log_w, math.log(1e-8)), 20.0))
+  k, lam = (k_pos, lambda_pos) if adv_sign_nonneg else (k_neg, lambda_neg)
+  lam = max(lam, 1e-4)
+  return w ** k * math.exp(lam * (1.0 - w))
+
+
+def vespo(lp, mask, lp_old, lp_ref, adv, weight_lp, keep=None, k_pos=2.0, lambda_pos=3.0, k_neg=3.0,
+          lambda_neg=2.0, beta=0.0, aggregation="token_mean", kl_bias_correction=False):
+  """VESPO (arXiv:2602.10693): l = -phi(W_i) A lp (phi from the fixed weight_lp) [+ beta k3]."""
+  adv, keep = per_token_adv(adv, lp.shape), _keep(keep, lp.shape)
+  per_token = np.zeros_like(lp)
+  for b, t in np.ndindex(lp.shape):
+    if mask[b, t] > 0:
+      phi = vespo_phi(weight_lp[b], lp_old[b], mask[b], adv[b, t] >= 0, k_pos, lambda_pos, k_neg, lambda_neg)
+      ratio = math.exp(lp[b, t] - lp_old[b, t]) if kl_bias_correction else 1.0
+      per_token[b, t] = (keep[b, t] * (-phi * adv[b, t] * lp[b, t])
+                         + beta * kl_token(lp[b, t], lp_ref[b, t], "k3") * ratio)
+  return aggregate(per_token, mask, aggregation)
+
+
+def dft(lp, mask, weight_lp, reduction="token_mean"):
+  """DFT (arXiv:2508.05629): per-token NLL times the probability exp(weight_lp) (a fixed input)."""
+  mode = {"token_mean": "token_mean", "sequence_mean": "seq_mean_token_mean",
+          "sequence_sum": "seq_mean_token_sum"}[reduction]
+  return aggregate(-np.exp(weight_lp) * lp, mask, mode)

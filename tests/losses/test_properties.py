@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jaxalign import losses as L
+from jaxalign.losses import dpo_variants, kto, reference_free
 
 from . import reference as ref
 
@@ -355,3 +356,184 @@ def test_f_dpo_reverse_kl_is_dpo_and_alpha_limits():
   np.testing.assert_allclose(L.f_dpo_loss(batch, divergence="alpha", alpha=1e-4)[0], dpo, rtol=1e-3)
   np.testing.assert_allclose(L.f_dpo_loss(batch, divergence="alpha", alpha=0.9999)[0],
                              L.f_dpo_loss(batch, divergence="forward_kl")[0], rtol=1e-3)
+
+
+# ---- TRL DPO-family variants, CPO/SimPO options, unpaired APO (called from their modules) --------
+
+V = dpo_variants
+DIVS = ("reverse_kl", "forward_kl", "js", "alpha")
+
+
+@functools.lru_cache(maxsize=None)
+def _vg_jit(fn, static_items):
+  """jit(value_and_grad) of fn(batch, **static, **dyn) with respect to the whole batch; dyn is traced."""
+  def f(batch, dyn):
+    return jax.value_and_grad(lambda b: fn(b, **dict(static_items), **dyn), has_aux=True, allow_int=True)(batch)
+  return jax.jit(f)
+
+
+def vg(fn, batch, static=None, **dyn):
+  """((loss, metrics), grads) of fn on batch; float hyper-parameters in dyn do not recompile."""
+  return _vg_jit(fn, tuple(sorted((static or {}).items())))(batch, {k: np.float32(v) for k, v in dyn.items()})
+
+
+def val(fn, batch, static=None, **dyn):
+  return vg(fn, batch, static, **dyn)[0][0]
+
+
+def swap(batch):
+  return batch._replace(policy_chosen=batch.policy_rejected, policy_rejected=batch.policy_chosen,
+                        ref_chosen=batch.ref_rejected, ref_rejected=batch.ref_chosen,
+                        n_chosen=batch.n_rejected, n_rejected=batch.n_chosen)
+
+
+MONOTONE = [(V.sigmoid_norm_loss, dict(divergence=d)) for d in DIVS] + [
+    (V.aot_loss, {}), (V.aot_unpaired_loss, {}), (V.apo_zero_loss, {})]
+
+
+@PROPS
+@given(h1=floats(-50, 50), dh=floats(1e-3, 50), beta=floats(0.01, 1.0))
+def test_trl_variants_decrease_as_margin_grows(h1, dh, beta):
+  """Non-increasing in h = l_w - l_l (l_l fixed); EXO only below its minimiser beta h* = log((1-eps)/eps)."""
+  cases = MONOTONE + ([(V.exo_pair_loss, {})] if beta * (h1 + dh) <= np.log((1 - 1e-3) / 1e-3) else [])
+  for fn, static in cases:
+    (loss1, _), grad = vg(fn, pairs_from_margin([h1]), static, beta=beta)
+    loss2 = val(fn, pairs_from_margin([h1 + dh]), static, beta=beta)
+    assert loss2 <= loss1 + 1e-6 * abs(loss1), (fn.__name__, static)
+    assert grad.policy_chosen[0] <= 0, (fn.__name__, static)
+
+
+@PROPS
+@given(h=vec(4, -30, 30), beta=floats(0.05, 1.0), eps=floats(1e-3, 0.45))
+def test_swapping_chosen_and_rejected_in_trl_variants(h, beta, eps):
+  """Swapping y_w and y_l changes each loss by a closed form that is positive when the margins are."""
+  batch, h64 = pairs_from_margin(h), np.float64(h)  # l_w = h, l_l = 0, n_w = 4, n_l = 6
+  z = beta * h64
+  expected = {  # loss(swapped) - loss
+      (V.sigmoid_norm_loss, ()): np.mean(beta * h64 / 4),
+      (V.aot_loss, (("label_smoothing", eps),)): (1 - 2 * eps) * np.mean(z),
+      (V.aot_unpaired_loss, (("label_smoothing", eps),)): (1 - 2 * eps) * np.mean(z),
+      (V.sppo_hard_loss, ()): 2 / beta * np.mean(h64),
+      (V.apo_zero_loss, ()): np.mean(np.tanh(z / 2)),
+      (V.exo_pair_loss, (("label_smoothing", eps),)): np.mean(np.tanh(z / 2)) * np.log((1 - eps) / eps),
+  }
+  for (fn, dyn), diff in expected.items():
+    loss, loss_s = val(fn, batch, beta=beta, **dict(dyn)), val(fn, swap(batch), beta=beta, **dict(dyn))
+    scale = 1.0 + abs(float(loss)) + abs(float(loss_s))
+    np.testing.assert_allclose(loss_s - loss, diff, rtol=1e-4, atol=1e-5 * scale, err_msg=fn.__name__)
+    if np.all(h64 > 1e-2):
+      assert loss_s > loss, fn.__name__
+
+
+@FEW
+@given(seed=st.integers(0, 2**16))
+def test_aot_sorts_over_the_batch(seed):
+  batch, rng = pair_batch(seed), np.random.default_rng(seed)
+  p, q = rng.permutation(6), rng.permutation(6)
+  unpaired = batch._replace(policy_chosen=batch.policy_chosen[p], ref_chosen=batch.ref_chosen[p],
+                            policy_rejected=batch.policy_rejected[q], ref_rejected=batch.ref_rejected[q])
+  np.testing.assert_allclose(val(V.aot_unpaired_loss, unpaired), val(V.aot_unpaired_loss, batch), rtol=1e-6)
+  paired = batch._replace(ref_chosen=batch.ref_chosen[p], ref_rejected=batch.ref_rejected[p])
+  np.testing.assert_allclose(val(V.aot_loss, paired), val(V.aot_loss, batch), rtol=1e-6)
+  one = jax.tree.map(lambda x: x[:1], batch)  # B = 1: both are DPO with label smoothing
+  for fn in (V.aot_loss, V.aot_unpaired_loss):
+    np.testing.assert_allclose(val(fn, one, beta=0.3, label_smoothing=0.1),
+                               L.dpo_loss(one, beta=0.3, label_smoothing=0.1)[0], rtol=1e-5)
+
+
+EXTREME = [(V.exo_pair_loss, dict(divergence=d)) for d in DIVS] + [
+    (V.discopop_loss, dict(divergence=d)) for d in DIVS] + [
+    (V.sigmoid_norm_loss, dict(divergence=d)) for d in DIVS] + [
+    (V.sppo_hard_loss, {}), (V.aot_loss, {}), (V.aot_unpaired_loss, {}), (V.apo_zero_loss, {}),
+    (V.apo_down_loss, {}), (reference_free.cpo_loss, {}), (reference_free.simpo_loss, {}),
+    (reference_free.alphapo_loss, {})]
+extreme_logps = lambda: vec(4, -1e4, 0.0)
+
+
+@FEW
+@given(pc=extreme_logps(), pr=extreme_logps(), rc=extreme_logps(), rr=extreme_logps(),
+       n=hnp.arrays(np.float32, 8, elements=st.sampled_from([1.0, 3.0, 4096.0])))
+def test_trl_variants_finite_at_extreme_inputs(pc, pr, rc, rr, n):
+  batch = L.PairStats(pc, pr, rc, rr, n[:4], n[4:])
+  for fn, static in EXTREME:
+    dyn = dict(label_smoothing=0.1) if fn is reference_free.cpo_loss else {}
+    if fn is reference_free.simpo_loss:
+      dyn = dict(reward_alpha=-0.5, alpha=1.0)
+    (loss, metrics), grads = vg(fn, batch, static, **dyn)
+    assert np.isfinite(loss), (fn.__name__, static)
+    assert all(np.all(np.isfinite(v)) for v in metrics.values()), (fn.__name__, static)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), (fn.__name__, static)
+  desirable = np.asarray([True, False, True, False])
+  (loss, _), grads = vg(kto.apo_zero_unpaired_loss, L.UnpairedStats(pc, rc, desirable))
+  assert np.isfinite(loss) and np.all(np.isfinite(grads.policy))
+
+
+ACCUM_VARIANTS = [(V.exo_pair_loss, {}), (V.sppo_hard_loss, {}), (V.apo_zero_loss, {}), (V.apo_down_loss, {}),
+                  (V.discopop_loss, {}), (V.sigmoid_norm_loss, dict(divergence="js")),
+                  (reference_free.simpo_loss, {}), (reference_free.alphapo_loss, {})]
+
+
+@FEW
+@given(seed=st.integers(0, 2**16))
+def test_trl_variants_accumulate_exactly_except_aot(seed):
+  batch = pair_batch(seed)
+  cases = [(fn, static, {}) for fn, static in ACCUM_VARIANTS] + [  # CPO-SimPO: token-mean NLL
+      (reference_free.simpo_loss, {}, dict(alpha=1.0, num_tokens=float(batch.n_chosen.sum())))]
+  for fn, static, nll in cases:
+    (full, _), full_grad = vg(fn, batch, static, **nll)
+    micro = [vg(fn, m, static, num_pairs=6.0, **nll) for m in split(batch, (2,))]
+    np.testing.assert_allclose(sum(m[0][0] for m in micro), full, rtol=1e-5, err_msg=fn.__name__)
+    np.testing.assert_allclose(np.concatenate([m[1].policy_chosen for m in micro]), full_grad.policy_chosen,
+                               rtol=1e-5, atol=1e-7, err_msg=fn.__name__)
+  # AOT sorts over the batch: micro-batch losses do not sum to the full loss in general.
+  zeros = np.zeros(4, np.float32)
+  aot_batch = L.PairStats(np.asarray([3, 0, 0, 0], np.float32), zeros, np.asarray([0, 0, 0, 5], np.float32), zeros)
+  micro = sum(val(V.aot_loss, m, num_pairs=4.0) for m in split(aot_batch, (2,)))
+  assert abs(micro - val(V.aot_loss, aot_batch)) > 1e-3
+
+
+def test_trl_variant_equivalences():
+  batch = pair_batch(5)
+  equal = batch._replace(n_chosen=np.full(6, 4.0, np.float32), n_rejected=np.full(6, 4.0, np.float32))
+  for d in DIVS:  # equal lengths: the length-normalised sigmoid is f-DPO at beta / n (constants cancel)
+    np.testing.assert_allclose(val(V.sigmoid_norm_loss, equal, dict(divergence=d), beta=0.8),
+                               L.f_dpo_loss(equal, beta=0.2, divergence=d)[0], rtol=1e-5, err_msg=d)
+  simpo = reference_free.simpo_loss
+  np.testing.assert_allclose(val(simpo, batch, reward_alpha=0.0), L.simpo_loss(batch)[0], rtol=1e-6)
+  np.testing.assert_allclose(val(simpo, batch, reward_alpha=1e-4), L.simpo_loss(batch)[0], rtol=1e-3)
+  (_, m), _ = vg(simpo, batch)
+  np.testing.assert_allclose(val(simpo, batch, alpha=0.7), m["loss"] + 0.7 * m["nll_loss"], rtol=1e-6)
+  np.testing.assert_allclose(val(reference_free.alphapo_loss, batch, reward_alpha=0.0, beta=2.0, gamma=0.5),
+                             L.simpo_loss(batch)[0], rtol=1e-6)
+  np.testing.assert_allclose(val(reference_free.cpo_loss, batch, reward_alpha=0.0, label_smoothing=0.0),
+                             L.cpo_loss(batch)[0], rtol=1e-6)
+  # cpo at label smoothing 1/2 without NLL is symmetric in chosen / rejected
+  np.testing.assert_allclose(val(reference_free.cpo_loss, batch, label_smoothing=0.5, alpha=0.0),
+                             val(reference_free.cpo_loss, swap(batch), label_smoothing=0.5, alpha=0.0), rtol=1e-6)
+  # DiscoPOP: logistic for z << -tau, exponential for z >> tau (z = beta h, l_l = 0)
+  for h, expected in [(-10.0, np.log1p(np.e)), (10.0, np.exp(-1.0))]:
+    np.testing.assert_allclose(val(V.discopop_loss, pairs_from_margin([h])), expected, rtol=1e-4)
+
+
+@PROPS
+@given(h=floats(-40, 40), beta=floats(0.05, 1.0), eps=floats(1e-4, 0.45))
+def test_exo_pair_is_zero_at_its_minimiser(h, beta, eps):
+  target = np.log((1 - eps) / eps) / beta
+  (at_target, _), grad = vg(V.exo_pair_loss, pairs_from_margin([target]), beta=beta, label_smoothing=eps)
+  np.testing.assert_allclose(at_target, 0.0, atol=1e-5)
+  np.testing.assert_allclose(grad.policy_chosen, 0.0, atol=1e-4)
+  assert at_target <= val(V.exo_pair_loss, pairs_from_margin([h]), beta=beta, label_smoothing=eps) + 1e-5
+
+
+@PROPS
+@given(l=vec(4, -40, 40), dl=floats(1e-3, 20), beta=floats(0.01, 1.0), lambda_u=floats(0.5, 2.0))
+def test_apo_zero_unpaired_is_bounded_and_monotone(l, dl, beta, lambda_u):
+  desirable = np.asarray([True, False, True, False])
+  zeros = np.zeros(4, np.float32)
+  up = lambda x: L.UnpairedStats(x, zeros, desirable)
+  (loss, _), grads = vg(kto.apo_zero_unpaired_loss, up(l), beta=beta, lambda_u=lambda_u)
+  assert 0 <= loss <= max(1.0, lambda_u) + 1e-6
+  g = np.asarray(grads.policy)
+  assert np.all(g[desirable] <= 0) and np.all(g[~desirable] >= 0)  # raise desirable, lower undesirable
+  loss_up = val(kto.apo_zero_unpaired_loss, up(np.where(desirable, l + dl, l)), beta=beta, lambda_u=lambda_u)
+  assert loss_up <= loss + 1e-6

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from jaxalign import losses as L
+from jaxalign.losses import dpo as dpo_mod
+from jaxalign.losses import dpo_variants, kto, margin, reference_free
 
 from . import reference as ref
 
@@ -120,6 +122,57 @@ def test_pairwise(fn, ref_fn, hp, seed):
         wrt=("pc", "pr"))
 
 
+# TRL DPOTrainer / CPOTrainer / KTOTrainer variants, imported from their modules.
+TRL_VARIANTS = [
+    (dpo_variants.exo_pair_loss, ref.exo_pair, dict(beta=0.1)),
+    (dpo_variants.exo_pair_loss, ref.exo_pair, dict(beta=0.3, label_smoothing=0.1, divergence="js")),
+    (dpo_variants.sppo_hard_loss, ref.sppo_hard, dict(beta=0.2)),
+    (dpo_variants.aot_loss, ref.aot, dict(beta=0.1)),
+    (dpo_variants.aot_loss, ref.aot, dict(beta=0.2, label_smoothing=0.1)),
+    (dpo_variants.aot_unpaired_loss, ref.aot_unpaired, dict(beta=0.1)),
+    (dpo_variants.aot_unpaired_loss, ref.aot_unpaired, dict(beta=0.3, label_smoothing=0.2)),
+    (dpo_variants.apo_zero_loss, ref.apo_zero, dict(beta=0.1)),
+    (dpo_variants.apo_down_loss, ref.apo_down, dict(beta=0.2)),
+    (dpo_variants.discopop_loss, ref.discopop, dict(beta=0.1)),
+    (dpo_variants.discopop_loss, ref.discopop, dict(beta=0.05, tau=0.5, divergence="alpha", alpha=0.3)),
+    (dpo_variants.sigmoid_norm_loss, ref.sigmoid_norm, dict(beta=0.5)),
+    (dpo_variants.sigmoid_norm_loss, ref.sigmoid_norm, dict(beta=0.5, divergence="forward_kl")),
+    (dpo_variants.sigmoid_norm_loss, ref.sigmoid_norm, dict(beta=0.5, divergence="js")),
+    (dpo_variants.sigmoid_norm_loss, ref.sigmoid_norm, dict(beta=0.5, divergence="alpha", alpha=0.3)),
+    # f-divergence scores on the other losses TRL allows them with
+    (margin.hinge_loss, ref.hinge_f, dict(beta=0.5, divergence="forward_kl")),
+    (dpo_mod.robust_dpo_loss, ref.robust_dpo_f, dict(beta=0.2, eps=0.15, divergence="js")),
+    (margin.ipo_loss, lambda P, length_normalize, **hp: ref.ipo_trl(P, **hp),
+     dict(tau=0.5, length_normalize=True, divergence="forward_kl")),
+    (margin.ipo_loss, lambda P, length_normalize, **hp: ref.ipo_trl(P, **hp),
+     dict(tau=0.5, length_normalize=True, divergence="js")),
+    # CPO options: label smoothing, AlphaPO reward shape; CPO-SimPO; AlphaPO
+    (reference_free.cpo_loss, ref.cpo_trl, dict(beta=0.1, alpha=1.0, label_smoothing=0.1)),
+    (reference_free.cpo_loss, ref.cpo_trl, dict(beta=0.1, alpha=0.5, reward_alpha=0.05)),
+    (reference_free.simpo_loss, lambda P, gamma, **hp: ref.cpo_trl(P, average=True, gamma=gamma, **hp),
+     dict(beta=2.0, gamma=0.5, alpha=1.0)),
+    (reference_free.simpo_loss, lambda P, gamma, **hp: ref.cpo_trl(P, average=True, gamma=gamma, **hp),
+     dict(beta=2.5, gamma=0.3, alpha=0.0, reward_alpha=0.25, label_smoothing=0.1)),
+    (reference_free.alphapo_loss,
+     lambda P, **hp: ref.cpo_trl(P, alpha=0.0, average=True, **hp),
+     dict(beta=2.5, gamma=0.1, reward_alpha=0.25)),
+    (reference_free.alphapo_loss,
+     lambda P, **hp: ref.cpo_trl(P, alpha=0.0, average=True, **hp),
+     dict(beta=2.0, gamma=0.5, reward_alpha=-0.1)),
+]
+
+
+def _ids(cases):
+  return [f"{getattr(f, '__name__', 'fn')}-{i}" for i, (f, _, _) in enumerate(cases)]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("fn, ref_fn, hp", TRL_VARIANTS, ids=_ids(TRL_VARIANTS))
+def test_trl_variants(fn, ref_fn, hp, seed):
+  check(lambda a: fn(pair_batch(a), **hp)[0], lambda d, _: ref_fn(d, **hp), pair_data(seed),
+        wrt=("pc", "pr"))
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_yun_objectives_with_kl_block(seed):
   data = {**pair_data(seed), **token_data(seed)}
@@ -146,6 +199,18 @@ def test_kto(seed):
                                              a["kl_policy"], a["kl_ref"]), **hp)[0],
         lambda x, _: ref.kto(x["policy"], x["ref"], x["desirable"] > 0, x["kl_policy"],
                              x["kl_ref"], **hp), d, wrt=("policy",))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_apo_zero_unpaired(seed):
+  rng = np.random.default_rng(seed)
+  d = dict(policy=-rng.uniform(5, 30, 6))
+  d.update(ref=d["policy"] - rng.normal(0, 3, 6), desirable=np.array([1, 0, 1, 1, 0, 0.0]))
+  hp = dict(beta=0.2, lambda_d=1.0, lambda_u=1.3)
+  check(lambda a: kto.apo_zero_unpaired_loss(L.UnpairedStats(a["policy"], a["ref"], a["desirable"] > 0),
+                                             **hp)[0],
+        lambda x, _: ref.apo_zero_unpaired(x["policy"], x["ref"], x["desirable"] > 0, **hp), d,
+        wrt=("policy", "ref"))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
