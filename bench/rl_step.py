@@ -71,7 +71,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     cfg, run = build(args, tmp)
     # decode never stops early here: EOS is set to an id the model cannot produce
-    sampling = dataclasses.replace(cfg.rl.sampling(run.tokenizer), eos_token_id=-1)
+    sampling = dataclasses.replace(online.sampling_config(cfg.rl, run.tokenizer), eos_token_id=-1)
     of = online.OnlineFns(run.fns, online.ALGORITHMS["grpo"], cfg.rl, sampling, None, True)
     prompts = run.next_batch()
     policy_of = lambda state: run.fns.policy(state.trainable, run.frozen)

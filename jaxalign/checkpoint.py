@@ -23,12 +23,12 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxalign import sharding
-from jaxalign.algorithms.step import TrainState
 from jaxalign.models.hf import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class _Unreadable(Exception):
 
 
 class Checkpointer:
-  """Save / restore `TrainState` plus JSON metadata under `directory`."""
+  """Save / restore a train state (a NamedTuple of arrays: `algorithms.step.TrainState`) plus JSON metadata under
+  `directory`."""
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, every: int = 0, clean: bool = False):
     """`clean`: remove what a killed run left half-written (only the run that holds the run_dir's lock may:
@@ -70,7 +71,7 @@ class Checkpointer:
   def due(self, step: int) -> bool:
     return bool(self.every) and step % self.every == 0
 
-  def save(self, step: int, state: TrainState, meta: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state: NamedTuple, meta: dict, *, force: bool = False) -> bool:
     """Save when the interval says so (or `force`); returns whether it saved.
 
     Raises `CheckpointError` (one line) when the step cannot be written: the previous checkpoints stay as they
@@ -110,7 +111,7 @@ class Checkpointer:
       return meta
     raise self._none_readable(failures)
 
-  def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+  def restore(self, abstract: NamedTuple, step: int | None = None) -> tuple[NamedTuple, dict]:
     """Restore `step` into the shapes, dtypes and shardings of `abstract`; by default the newest readable step
     (see `restore_latest`). Raises `CheckpointError` when it cannot be read or there is no checkpoint."""
     if step is None:
@@ -123,8 +124,8 @@ class Checkpointer:
     log.info("checkpoint: resumed from step %d in %s", step, self.directory)
     return state, meta
 
-  def restore_latest(self, abstract: TrainState, check: Callable[[dict], None] | None = None
-                     ) -> tuple[TrainState, dict, int] | None:
+  def restore_latest(self, abstract: NamedTuple, check: Callable[[dict], None] | None = None
+                     ) -> tuple[NamedTuple, dict, int] | None:
     """(state, meta, step) of the newest step that restores, or None when there is no checkpoint.
 
     A step whose metadata or state cannot be read is skipped for the next older one, with one warning line, and
@@ -167,7 +168,7 @@ class Checkpointer:
     _check_json(path, self.directory / str(step))
     return self._orbax_read(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def _read_state(self, abstract: TrainState, step: int) -> TrainState:
+  def _read_state(self, abstract: NamedTuple, step: int) -> NamedTuple:
     """The step's state in the layout of `abstract`, or `_Unreadable`."""
     step_dir = self.directory / str(step)
     if not (step_dir / "state").is_dir():
@@ -176,7 +177,7 @@ class Checkpointer:
       _check_json(path, step_dir)  # orbax reads these beside the arrays and leaves the array reads dangling
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract._asdict())
     args = ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    return TrainState(**self._orbax_read(step, args)["state"])
+    return type(abstract)(**self._orbax_read(step, args)["state"])
 
   def _orbax_read(self, step: int, args) -> dict:
     try:

@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from jaxalign.data.pipeline import DataConfig
+from jaxalign.models.config import ModelConfig
+from jaxalign.sharding import MeshConfig
+
 
 class ConfigError(ValueError):
   """A config file, key or value that cannot be used; the message names it."""
@@ -165,21 +169,151 @@ def merge(base: dict, update: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ train config
-
-from jaxalign.algorithms.lora import LoraConfig  # noqa: E402
-from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS  # noqa: E402
-from jaxalign.algorithms.online import RLConfig  # noqa: E402
-from jaxalign.algorithms.step import OptimConfig  # noqa: E402
-from jaxalign.data.pipeline import DataConfig  # noqa: E402
-from jaxalign.models.config import ModelConfig  # noqa: E402
-from jaxalign.sharding import MeshConfig  # noqa: E402
-
-OFFLINE_ALGORITHMS = ("sft", "reward", "preference")
+# The algorithms' own settings live here, beside the rest of the schema: parsing a recipe imports no algorithm
+# (`trainer.objective_of` checks the algorithm's name against the registered ones).
 
 
-def algorithm_names() -> tuple[str, ...]:
-  """Every algorithm a config may name (online ones as registered now: a notebook may add one)."""
-  return (*OFFLINE_ALGORITHMS, *ONLINE_ALGORITHMS)
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warm-up and decay, global-norm clipping and gradient accumulation."""
+
+  lr: float = 1e-4
+  # constant | linear | cosine (decay to lr * min_lr_ratio after warm-up)
+  schedule: str = "cosine"
+  warmup_steps: int = 0
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.0
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  # Global-norm gradient clipping; 0 disables it.
+  max_grad_norm: float = 1.0
+  # Micro-batches per optimiser step.
+  grad_accum: int = 1
+  # dtype of Adam's first moment: None = the parameters' dtype, or "bfloat16" / "float32". The second
+  # moment always follows the parameter dtype, so TRL's bf16 precision is model.param_dtype=bfloat16
+  # optim.mu_dtype=bfloat16, and float32 master weights and moments are the default with param_dtype float32.
+  mu_dtype: str | None = None
+  # An update whose gradient is not finite is skipped (the weights stay as they were) and counted; this many
+  # skipped in a row stop the run with an error (0: never stop).
+  max_consecutive_skips: int = 5
+
+  def __post_init__(self):
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"optim.lr={self.lr} must be a finite number > 0")
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
+      raise ValueError("optim.b1 and optim.b2 must be in [0, 1) and optim.eps > 0")
+    if not (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0
+            and self.max_grad_norm >= 0 and self.max_consecutive_skips >= 0):
+      raise ValueError("optim.warmup_steps, weight_decay, max_grad_norm and max_consecutive_skips must be >= 0, "
+                       "optim.min_lr_ratio in [0, 1]")
+    if self.schedule not in ("constant", "linear", "cosine"):
+      raise ValueError(f"optim.schedule={self.schedule!r}; choose constant, linear or cosine")
+    if self.grad_accum < 1:
+      raise ValueError("optim.grad_accum must be >= 1")
+    if self.mu_dtype not in (None, "bfloat16", "float32"):
+      raise ValueError(f"optim.mu_dtype={self.mu_dtype!r}; choose bfloat16, float32 or null (the parameters' dtype)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters; rank 0 turns them off (full fine-tuning)."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  # Projections (module names) that get an adapter.
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+  def __post_init__(self):
+    if self.rank < 0:
+      raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / max(self.rank, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """Rollout and update settings of the online algorithms."""
+
+  group_size: int = 8  # G completions per prompt
+  max_new_tokens: int = 16
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  # Log-probs under the distribution sampled from (renormalised over the kept top-k / top-p set, on the
+  # sampler's and on the training path); false: the full tempered distribution (biased ratios when truncating).
+  renormalize_sampling: bool = True
+  epochs: int = 1  # passes over each rollout (PPO epochs)
+  minibatches: int = 1  # optimiser steps per pass
+  kl_coef: float = 0.0  # beta of the KL-in-reward algorithms (ppo, rloo, remax, reinforce, reinforce_pp)
+  # KL to the reference as a loss term instead (or as well): coefficient x the mean over rows of each row's summed
+  # per-token estimate (k3 as in GRPO, k2, k1).
+  kl_loss_coef: float = 0.0
+  kl_loss_estimator: str = "k3"
+  entropy_coef: float = 0.0  # entropy bonus: the loss minus this times the token-mean entropy
+  rewards: dict = dataclasses.field(default_factory=lambda: {"max_digit": 1.0})  # rule reward -> weight
+  oversample: int = 1  # DAPO dynamic sampling: generate this many times the groups, keep those with signal
+  # DAPO overlong reward shaping: completions longer than max_new_tokens - overlong_buffer lose up to 1 (0: off).
+  overlong_buffer: int = 0
+  mask_truncated_completions: bool = False  # completions without EOS give no loss (DAPO, TRL)
+  # Packed training passes (`online.packing`): the old-policy, reference and update passes run on packed rows of
+  # pack_length tokens (0: the rollout rows' P + N) holding pack_ratio x the padded rows' slots per batch shard;
+  # a batch that does not fit runs padded (pack_ratio 0: always padded). Rows longer than P + N let two
+  # completions longer than half of it share a row, at the cost of attention over the longer rows.
+  pack_ratio: float = 0.0
+  pack_length: int = 0
+  # Each prompt of a group runs through the model once in the old-policy, reference and (one minibatch per
+  # pass, policy-gradient algorithms) update passes, its completions attending to it (`Decoder.shared_prefix`):
+  # exact, and (G - 1) / G of the prompt tokens' compute saved. Off, or packed passes: every row runs whole.
+  share_prompt: bool = True
+  # RLOO: advantages normalised over the step's rows to mean 0, divided by their std + 1e-4 (TRL's
+  # RLOOTrainer normalize_advantages).
+  normalize_advantages: bool = False
+  is_cap: float = 0.0  # truncated importance weight on sampler / trainer log-prob mismatch (0: off)
+  rft_threshold: float = 0.5  # rejection sampling keeps the best sample when its reward reaches this
+  gamma: float = 1.0  # PPO: GAE discount
+  lam: float = 0.95  # PPO: GAE lambda
+  # HF directory of a reward model (*ForSequenceClassification) scored inside the step, added to the rule
+  # rewards with this weight; PPO's critic starts from it (else from the policy's backbone, zero head).
+  reward_model: str | None = None
+  reward_model_weight: float = 1.0
+  # Iterated reference (SPIN's pi_t, iterative DPO's pi_ref = pi_t): every this many steps the reference becomes
+  # the current policy (0: the frozen initial policy throughout). It is held in the train state, so a checkpoint
+  # saved anywhere inside an iteration resumes with the same reference.
+  reference_update_steps: int = 0
+
+  def __post_init__(self):
+    if self.group_size < 1 or self.max_new_tokens < 1 or self.epochs < 1 or self.minibatches < 1:
+      raise ValueError("rl.group_size, rl.max_new_tokens, rl.epochs and rl.minibatches must be >= 1")
+    if self.reference_update_steps < 0:
+      raise ValueError(f"rl.reference_update_steps={self.reference_update_steps} must be >= 0 (0: a frozen reference)")
+    if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0 and self.oversample >= 1):
+      raise ValueError("rl.temperature must be > 0, rl.top_p in (0, 1], rl.top_k >= 0 and rl.oversample >= 1")
+    if 0 < self.is_cap < 1:
+      raise ValueError(f"rl.is_cap={self.is_cap} must be 0 (off) or >= 1 (a cap on the importance weight)")
+    if min(self.kl_coef, self.kl_loss_coef, self.is_cap, self.entropy_coef) < 0 or not (
+        0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+      raise ValueError("rl.kl_coef, rl.kl_loss_coef, rl.entropy_coef and rl.is_cap must be >= 0, rl.gamma and "
+                       "rl.lam in [0, 1]")
+    if not 0 <= self.overlong_buffer < self.max_new_tokens:
+      raise ValueError(f"rl.overlong_buffer={self.overlong_buffer} must be in [0, rl.max_new_tokens="
+                       f"{self.max_new_tokens})")
+    if not 0 <= self.pack_ratio <= 1 or self.pack_length < 0:
+      raise ValueError(f"rl.pack_ratio={self.pack_ratio} must be in [0, 1] (0: padded rows) and rl.pack_length="
+                       f"{self.pack_length} >= 0")
+    if self.kl_loss_estimator not in ("k1", "k2", "k3"):
+      raise ValueError(f"rl.kl_loss_estimator={self.kl_loss_estimator!r}; choose one of k1, k2, k3")
+
+  @property
+  def truncates(self) -> bool:
+    """Whether sampling keeps only part of the vocabulary (top-k / top-p) and log-probs are renormalised."""
+    return self.renormalize_sampling and (self.top_k > 0 or self.top_p < 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +366,8 @@ class TrainConfig:
 
   name: str = "train"
   # sft | reward | preference (the direct family, chosen by loss.name) | an online algorithm (ppo, grpo,
-  # dr_grpo, dapo, gspo, cispo, rloo, remax, reinforce, reinforce_pp, online_dpo, rft: the loss follows
-  # from the algorithm; loss.params still apply)
+  # dr_grpo, dapo, gspo, cispo, luspo, sapo, vespo, rloo, remax, reinforce, reinforce_pp, online_dpo, rft, rkl,
+  # spin, pmle, preference_distillation: the loss follows from the algorithm; loss.params still apply)
   algorithm: str = "sft"
   loss: LossConfig = LossConfig()
   # Architecture when training from scratch; with init_from only param_dtype / dtype apply.
@@ -259,8 +393,6 @@ class TrainConfig:
   logprob_impl: str = "auto"
 
   def __post_init__(self):
-    if self.algorithm not in algorithm_names():
-      raise ValueError(f"algorithm={self.algorithm!r}; choose one of {algorithm_names()}")
     if self.steps < 1:
       raise ValueError("steps must be >= 1")
     if self.eval_every < 0 or self.eval_batches < 1:

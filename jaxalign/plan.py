@@ -23,14 +23,15 @@ from flax import nnx
 from jaxalign import sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
-from jaxalign.algorithms.step import StepFns, TrainState, make_optimizer, make_train_step, opt_state_shardings
+from jaxalign.algorithms.step import StepFns, TrainState, init_loss_state, make_optimizer, make_train_step
+from jaxalign.algorithms.step import opt_state_shardings
 from jaxalign.config import ConfigError, TrainConfig
 from jaxalign.data.pipeline import Batches
 from jaxalign.data.tokenize import Encoded
 from jaxalign.models import CausalLM, ScalarModel
 from jaxalign.models.hf import config_from_hf
 from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, loss_params,
-                              objective_of, online_fns, stack_micro_batches)
+                              objective_of, online_fns, reference_in_state, stack_micro_batches)
 
 GIB = 2**30
 
@@ -73,6 +74,7 @@ def example_batch(cfg: TrainConfig, mesh=None, responses_per_list: int = 4) -> d
   responses = {"preference": 2, "ranked": responses_per_list}.get(cfg.data.format, 1)
   count = cfg.data.batch_size * cfg.optim.grad_accum  # full-length examples: one per (packed) row
   batches = Batches(_dummy_examples(cfg, count, responses), cfg.data, cfg.seed, shuffle=False)
+  batches.prompts = cfg.algorithm in online.ALGORITHMS  # an online algorithm's data rows come with their prompts
   if mesh is not None:
     batches.pack_multiple = sharding.local_batch_shards(mesh, cfg.mesh.rules, cfg.data.batch_size)
   if cfg.algorithm in online.ALGORITHMS:
@@ -130,12 +132,15 @@ def abstract_run(cfg: TrainConfig, mcfg, mesh):
   opt_state = _shaped(jax.eval_shape(tx.init, trainable),
                       opt_state_shardings(tx, trainable, shardings_of(trainable), mesh))
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  loss_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(lambda: init_loss_state(objective)))
   state = TrainState(trainable, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+                     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), loss_state)
   fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora,
                 {"impl": cfg.logprob_impl})
   run = Run(cfg, mesh, build_tokenizer(cfg), mcfg, objective, fns, state, frozen, None, None, make_train_step(fns))
   if run.online:
+    reference_in_state(run, copy=_frozen)
     run.train_fn = online.make_rl_step(online_fns(run, [], critic_graphdef, reward_graphdef))
   return run
 

@@ -18,7 +18,7 @@ import typing
 
 from jaxalign import losses
 from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS
-from jaxalign.config import ConfigError, algorithm_names, TrainConfig, apply_override, load_stages, load_yaml
+from jaxalign.config import ConfigError, TrainConfig, apply_override, load_stages, load_yaml
 from jaxalign.data.readers import DataError
 
 DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "default.yaml"
@@ -54,9 +54,12 @@ or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a SLURM / Op
 
 
 def help_text() -> str:
+  from jaxalign.trainer import algorithm_names
+
   return "\n".join([
     __doc__.strip(), "", STAGES_HELP, "", "algorithms: " + ", ".join(algorithm_names()),
-    "losses (loss.name): " + ", ".join(losses.available()), "", "config keys (with defaults):",
+    "losses (loss.name [input; reference]: loss.params with defaults):", *losses.help_lines(), "",
+    "config keys (with defaults):",
     *_keys(TrainConfig)])
 
 

@@ -19,10 +19,11 @@ from flax import nnx
 from jaxalign import losses, resume, sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
-from jaxalign.algorithms.forward import rows, sequence_logps
-from jaxalign.algorithms.objectives import Objective, objective_for
-from jaxalign.algorithms.step import (StepFns, TrainState, init_opt_state, make_eval_step, make_optimizer,
-                                      make_schedule, make_train_step, skipped_updates)
+from jaxalign.algorithms.forward import example_logps
+from jaxalign.algorithms.objectives import OFFLINE_ALGORITHMS, Objective, objective_for
+from jaxalign.algorithms.step import (StepFns, TrainState, combine_metrics, init_loss_state, init_opt_state,
+                                      make_eval_step,
+                                      make_optimizer, make_schedule, make_train_step, skipped_updates)
 from jaxalign.checkpoint import Checkpointer, CheckpointError
 from jaxalign.config import ConfigError, TrainConfig, coerce, to_dict
 from jaxalign.data import batching, synthetic
@@ -146,7 +147,7 @@ def precompute_reference(run: "Run", data: Batches) -> None:
     raise ConfigError("reference.mode=precomputed does not apply to unpaired (KTO) data: its mismatched pairs "
                       "depend on the batch; use reference.mode=model")
   model = nnx.merge(run.fns.graphdef, run.frozen.get("reference", run.frozen.get("base", run.state.trainable)))
-  forward = nnx.jit(lambda m, b: sequence_logps(m, rows(b), impl=run.cfg.logprob_impl)[0])
+  forward = nnx.jit(lambda m, b: example_logps(m, b, impl=run.cfg.logprob_impl)[0])
   size, examples = data.cfg.batch_size, data.examples
   cached = []
   for start in range(0, len(examples), size):
@@ -192,14 +193,21 @@ class Run:
     return put_batch(micro, self.mesh, self.cfg.mesh.rules, 1, size)
 
 
+def algorithm_names() -> tuple[str, ...]:
+  """Every algorithm a config may name (online ones as registered now: a notebook may add one)."""
+  return (*OFFLINE_ALGORITHMS, *online.ALGORITHMS)
+
+
 def objective_of(cfg: TrainConfig) -> Objective:
   """The Objective that `cfg.algorithm` (offline or online) trains."""
+  if cfg.algorithm not in algorithm_names():
+    raise ConfigError(f"algorithm={cfg.algorithm!r}; choose one of {', '.join(algorithm_names())}")
   if cfg.algorithm in online.ALGORITHMS:
     algorithm = online.ALGORITHMS[cfg.algorithm]
     uses_reference = algorithm.uses_reference(cfg.rl, loss_params(algorithm.loss, cfg.loss.params))
-    return Objective(algorithm.loss, "prompt", False, uses_reference, stats=None, step_counts=None)
+    return Objective(algorithm.loss, algorithm.data_format, False, uses_reference, stats=None, step_counts=None)
   try:
-    return objective_for(cfg.algorithm, cfg.loss.name)
+    return objective_for(cfg.algorithm, cfg.loss.name, loss_params(cfg.loss.name, cfg.loss.params))
   except KeyError as error:  # an unknown loss name
     raise ConfigError(f"loss.name: {error.args[0]}") from None
 
@@ -232,8 +240,14 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
                                              cfg.data.batch_size)
     except ValueError as error:
       raise ConfigError(f"algorithm={cfg.algorithm}: {error}") from None
+    if cfg.data.packing:
+      raise ConfigError(f"algorithm={cfg.algorithm}: data.packing applies to offline algorithms; online ones take "
+                        "each prompt's rows padded")
   if online_run and online.ALGORITHMS[cfg.algorithm].critic and cfg.lora.enabled:
     raise ConfigError(f"algorithm={cfg.algorithm} trains a critic beside the policy; lora is not supported with it")
+  if cfg.optim.grad_accum != 1 and not losses.spec(objective.loss_name).exact_accumulation:
+    raise ConfigError(f"loss '{objective.loss_name}' is not a sum over micro-batches (it reads the whole batch); "
+                      f"optim.grad_accum={cfg.optim.grad_accum} must be 1 with it")
   if online_run and cfg.optim.grad_accum != 1:
     raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
   if cfg.model.attention_impl == "cudnn" and (cfg.data.packing or online_run):
@@ -289,16 +303,39 @@ def _attach_online(run: Run) -> None:
       run.state = run.state._replace(trainable=trainable,
                                      opt_state=init_opt_state(run.fns.tx, trainable, shardings, run.mesh))
 
+  try:
+    algorithm.check_data(cfg.rl, run.train_data.examples)
+  except ValueError as error:
+    raise ConfigError(f"algorithm={cfg.algorithm}: {error}") from None
+  run.train_data.prompts = run.eval_data.prompts = True  # data rows (sft / preference formats) beside prompts
+  reference_in_state(run)
   run.train_fn = online.make_rl_step(online_fns(run, run.train_data.examples, critic_graphdef, reward_graphdef))
   run.eval_fn = online.make_rl_eval(online_fns(run, run.eval_data.examples, critic_graphdef, reward_graphdef))
+
+
+def reference_in_state(run: Run, copy=frozen_copy) -> None:
+  """rl.reference_update_steps > 0: the reference is the policy of the last iteration boundary (SPIN's pi_t),
+  replaced by the step (`online.step.next_reference`), so it moves from `run.frozen` into the train state
+  (`loss_state["reference"]`): checkpointed with the policy, a resume from any step uses the reference the
+  uninterrupted run had. Held as the frozen reference is (`copy`: `frozen_copy`, each leaf in its parameter's
+  sharding, floats narrowed to the compute dtype); under LoRA it is a copy of the adapters (the base is shared)."""
+  if not run.cfg.rl.reference_update_steps:
+    return
+  reference = run.frozen.pop("reference", None)
+  if reference is None:
+    reference = copy(run.policy_params(), run.model_config.compute_dtype)
+  run.state = run.state._replace(loss_state={**run.state.loss_state, "reference": reference})
 
 
 def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.OnlineFns:
   """The online step's static pieces; rule rewards look up the gold answers of `examples`."""
   reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards)
+  reference = run.state.loss_state.get("reference")
   return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl,
-                          run.cfg.rl.sampling(run.tokenizer), reward, run.objective.uses_reference, critic_graphdef,
-                          reward_graphdef)
+                          online.sampling_config(run.cfg.rl, run.tokenizer), reward, run.objective.uses_reference, critic_graphdef,
+                          reward_graphdef,
+                          reference_shardings=None if reference is None else jax.tree.map(lambda x: x.sharding,
+                                                                                         reference))
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -331,7 +368,7 @@ def build_run(cfg: TrainConfig) -> Run:
   with sharding.use_mesh(mesh, cfg.mesh.rules):
     opt_state = init_opt_state(tx, trainable, trainable_shardings, mesh)
   state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                     jax.device_put(key, replicated))
+                     jax.device_put(key, replicated), jax.device_put(init_loss_state(objective), replicated))
   op = {"impl": cfg.logprob_impl}
   fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora, op)
   run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
@@ -345,12 +382,25 @@ def build_run(cfg: TrainConfig) -> Run:
 
 
 def evaluate(run: Run, eval_fn) -> dict[str, float]:
-  batches = run.eval_data.epoch_batches()[:run.cfg.eval_batches]
+  """Metrics over the eval batches as if they were one batch: offline losses take the step counts of them all, so
+  that their per-batch shares (the loss, its parts, token-normalised numerators) add up to the whole set's, as in
+  gradient accumulation (`combine_metrics`); per-example means over the equal batches are averaged."""
   size = run.cfg.data.batch_size
   with sharding.use_mesh(run.mesh, run.cfg.mesh.rules):
-    rows_ = [jax.tree.map(sharding.to_host, eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0, size),
-                                                    run.frozen)) for b in batches]
+    batches = [put_batch(b, run.mesh, run.cfg.mesh.rules, 0, size)
+               for b in run.eval_data.epoch_batches()[:run.cfg.eval_batches]]
+    counts = () if run.online else (eval_counts(run.objective, batches),)
+    rows_ = [jax.tree.map(sharding.to_host, eval_fn(run.state, b, run.frozen, *counts)) for b in batches]
+  if counts:
+    return {k: float(v) for k, v in combine_metrics({k: np.stack([r[k] for r in rows_]) for k in rows_[0]}).items()}
   return {k: float(np.mean([r[k] for r in rows_])) for k in rows_[0]}
+
+
+def eval_counts(objective: Objective, batches: list[dict]) -> dict:
+  """The step counts of all eval batches together (global arrays: every process's rows), summed: counts add up
+  and batches may differ in length."""
+  count = jax.jit(lambda b: objective.step_counts(jax.tree.map(lambda x: x[None], b)))
+  return jax.jit(lambda per_batch: jax.tree.map(lambda *c: sum(c), *per_batch))([count(b) for b in batches])
 
 
 def export(run: Run, path: pathlib.Path) -> pathlib.Path:

@@ -1,6 +1,8 @@
 """Typed configs: YAML + overrides, one-line errors naming the key, file or line."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -28,8 +30,16 @@ def test_bad_value_names_the_key():
     from_dict(TrainConfig, {"data": {"batch_size": "many"}})
   with pytest.raises(ConfigError, match=r"config key 'reference.mode': 'cached' is not one of"):
     from_dict(TrainConfig, {"reference": {"mode": "cached"}})
-  with pytest.raises(ConfigError, match=r"algorithm='ppo_typo'"):
-    from_dict(TrainConfig, {"algorithm": "ppo_typo"})
+  # Algorithm names are the registered ones, checked before a run builds.
+  with pytest.raises(ConfigError, match=r"algorithm='ppo_typo'; choose one of sft, reward, preference, ppo"):
+    objective_of(from_dict(TrainConfig, {"algorithm": "ppo_typo"}))
+
+
+def test_parsing_a_config_imports_no_algorithm():
+  code = ("import sys, jaxalign.config, jaxalign.checkpoint; "
+          "print([m for m in sys.modules if m.startswith('jaxalign.algorithms')])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path):

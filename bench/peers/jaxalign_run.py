@@ -127,7 +127,7 @@ def rl_prompts(run, shape: dict) -> dict:
 
 def run_grpo(run, shape: dict) -> dict:
   # EOS is an id the model cannot produce: every row generates exactly new_tokens tokens, as on the peer's side.
-  sampling = dataclasses.replace(run.cfg.rl.sampling(run.tokenizer), eos_token_id=-1)
+  sampling = dataclasses.replace(online.sampling_config(run.cfg.rl, run.tokenizer), eos_token_id=-1)
   prompts = rl_prompts(run, shape)
   # The rule reward runs on the host (one callback), as the peers' reward functions do.
   answers = [types.SimpleNamespace(uid=int(uid), answer="9") for uid in prompts["uid"]]

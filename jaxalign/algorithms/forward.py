@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxalign import ops, sharding
+from jaxalign import losses, ops, sharding
 
 
 def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -20,9 +20,8 @@ def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 
   Position t predicts token t+1; it counts when token t+1 is a response token of the same segment.
   """
-  ids, seg = batch["input_ids"], batch["segment_ids"]
-  mask = (batch["loss_mask"][:, 1:] > 0) & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
-  return jnp.where(mask, ids[:, 1:], -1), mask.astype(jnp.float32)
+  mask = losses.packed_loss_mask(batch["loss_mask"], batch["segment_ids"])
+  return jnp.where(mask > 0, batch["input_ids"][:, 1:], -1), mask
 
 
 def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "auto",
@@ -75,12 +74,6 @@ def _head_logps(model, hidden, targets, temperature, impl, return_entropy, logit
   return out.reshape(r, t)
 
 
-def sequence_logps(model, batch: dict, **kwargs) -> tuple[jax.Array, jax.Array]:
-  """Summed response log-probs S [R] and response token counts n [R] (>= 1)."""
-  logps, mask = token_logps(model, batch, **kwargs)
-  return jnp.sum(logps * mask, axis=-1), jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-
-
 def packing_index(batch: dict, prefix: str = "") -> tuple[jax.Array, jax.Array, jax.Array]:
   """Where each sequence of a batch lies: its row [E...] and segment [E...] (E... the batch's examples, [B, C]
   or [B]) and the segment ids [R, T] they refer to.
@@ -104,13 +97,10 @@ def sequence_sums(values: jax.Array, mask: jax.Array, batch: dict, prefix: str =
   per (row, segment) [R, T + 1], read at each sequence's (row, segment) (`packing_index`).
   """
   row, segment, seg = packing_index(batch, prefix)
-  num_segments = seg.shape[1] + 1  # ids 0 (padding) .. at most T
-  dtype = jnp.promote_types(values.dtype, jnp.float32)
-  both = jnp.stack([values.astype(dtype) * mask.astype(dtype), mask.astype(dtype)], -1)  # [R, W, 2]
-  per_row = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=num_segments))
-  sums = per_row(both, seg[:, seg.shape[1] - values.shape[1]:])  # [R, T + 1, 2]
-  picked = sums[row, segment]  # [E..., 2]
-  return picked[..., 0], picked[..., 1]
+  seg = seg[:, seg.shape[1] - values.shape[1]:]  # the segment of the token each value is aligned with
+  sums = losses.segment_sums(values, mask, seg, seg.shape[1])  # [R, W]: ids 1 .. at most W
+  counts = losses.segment_sums(jnp.ones_like(mask, jnp.float32), mask, seg, seg.shape[1])
+  return sums[row, segment - 1], counts[row, segment - 1]
 
 
 def prompt_sharing(num_rows: int, group: int) -> int:

@@ -7,33 +7,11 @@ reference policy (no second copy of the weights), and `merge` gives the exported
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """Low-rank adapters; rank 0 turns them off (full fine-tuning)."""
-
-  rank: int = 0
-  alpha: float = 16.0
-  # Projections (module names) that get an adapter.
-  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-  def __post_init__(self):
-    if self.rank < 0:
-      raise ValueError(f"lora.rank must be >= 0, got {self.rank}")
-
-  @property
-  def enabled(self) -> bool:
-    return self.rank > 0
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / max(self.rank, 1)
+from jaxalign.config import LoraConfig
 
 
 def _adapted(path: tuple, cfg: LoraConfig) -> bool:

@@ -1,8 +1,10 @@
 """Offline objectives: how each family turns a batch into loss statistics.
 
 An `Objective` pairs a registered loss (`jaxalign.losses`) with the forward passes that produce its
-input statistics. All losses sum exactly over micro-batches: `step_counts` computes the
-step-level denominators from the whole accumulated batch [A, B, ...] before any forward pass.
+input statistics; what a loss needs (its input type, data format, reference) is read from its registration
+(`losses.spec`). Losses sum exactly over micro-batches: `step_counts` computes the step-level denominators
+from the whole accumulated batch [A, B, ...] before any forward pass, and `prepass` the statistics that need
+one (KTO's reference point). The few losses that cannot (batch-level sorting) are refused with accumulation.
 
 Families: SFT (TokenBatch), the direct pairwise losses (PairStats), listwise (ListStats), unpaired
 (UnpairedStats: KTO, NPO) and reward models (RewardPair / RewardList on a scalar head).
@@ -35,6 +37,11 @@ class Objective:
   stats: Callable
   # Extra per-call loss arguments derived from the batch (e.g. step counts), given the stacked batch.
   step_counts: Callable
+  # Loss inputs that need a forward pass over the whole step before the gradient pass (KTO's reference point):
+  # prepass(policy, reference, batch [A, ...], **op) -> {name: value}, or None.
+  prepass: Callable | None = None
+  # Running means over steps the loss receives: {loss argument: metric} (`losses.LossSpec.running`).
+  running: dict = dataclasses.field(default_factory=dict)
 
   def loss(self, stats, counts: dict, params: dict):
     """(loss share of this micro-batch, metrics). Shares sum to the step loss over micro-batches."""
@@ -48,8 +55,9 @@ def call_loss(name: str, stats, params: dict, counts: dict):
   return fn(stats, **params, **{k: v for k, v in counts.items() if k in accepted})
 
 
-def eval_metrics(stats) -> dict:
-  """Metrics that need no loss: does the policy itself rank the data's preferred answer first?"""
+def eval_metrics(stats, counts: dict) -> dict:
+  """Metrics that need no loss: does the policy itself rank the data's preferred answer first? Per-token NLL is a
+  share of the step's tokens (`counts`), like the loss."""
   if isinstance(stats, losses.PairStats):
     out = {"policy_prefers_chosen": jnp.mean((stats.policy_chosen > stats.policy_rejected).astype(jnp.float32))}
     if stats.ref_chosen is not None:
@@ -57,7 +65,8 @@ def eval_metrics(stats) -> dict:
       out["logratio_per_token/rejected"] = jnp.mean((stats.policy_rejected - stats.ref_rejected) / stats.n_rejected)
     return out
   if isinstance(stats, losses.TokenBatch):
-    return {"nll_per_token": -jnp.sum(stats.logps * stats.mask) / jnp.maximum(jnp.sum(stats.mask), 1.0)}
+    tokens = counts.get("num_tokens", jnp.sum(stats.mask))
+    return {"nll_per_token": -jnp.sum(stats.logps * stats.mask) / jnp.maximum(tokens, 1.0)}
   return {}
 
 
@@ -102,8 +111,10 @@ def pair_stats(policy, reference, batch, **op):
   s, n = s.reshape(-1, 2), n.reshape(-1, 2)
   s_ref = batch["ref_logps"] if s_ref is None and "ref_logps" in batch else s_ref
   ref = (None, None) if s_ref is None else (s_ref.reshape(-1, 2)[:, 0], s_ref.reshape(-1, 2)[:, 1])
+  # A reward model's scores of each response (preference distillation's soft labels), from the data or the step
+  score = (None, None) if "scores" not in batch else (batch["scores"][..., 0], batch["scores"][..., 1])
   return losses.PairStats(policy_chosen=s[:, 0], policy_rejected=s[:, 1], ref_chosen=ref[0], ref_rejected=ref[1],
-                          n_chosen=n[:, 0], n_rejected=n[:, 1])
+                          n_chosen=n[:, 0], n_rejected=n[:, 1], score_chosen=score[0], score_rejected=score[1])
 
 
 def pair_counts(batch):
@@ -129,11 +140,22 @@ def list_counts(batch):
 
 
 def unpaired_stats(policy, reference, batch, **op):
-  """KTO / NPO. The reference always runs in the step: the mismatched pairs depend on the batch."""
+  """KTO / NPO. The reference always runs in the step: KTO's mismatched pairs depend on the batch."""
   s, _, s_ref = _policy_and_reference(policy, reference, batch, **op)
-  kl, _, kl_ref = _policy_and_reference(policy, reference, batch, prefix="kl_", **op)
-  return losses.UnpairedStats(policy=s, ref=s_ref, desirable=batch["label"], kl_policy=jax.lax.stop_gradient(kl),
-                              kl_ref=kl_ref)
+  return losses.UnpairedStats(policy=s, ref=s_ref, desirable=batch["label"])
+
+
+def kto_reference_point(policy, reference, batch, **op):
+  """KTO's z0 over the whole step [A, ...]: max(0, mean log-ratio of the mismatched completions `kl_*`), so that
+  micro-batch losses sum exactly to the whole batch's (TRL takes it per micro-batch)."""
+
+  def summed(micro):
+    kl, _, kl_ref = _policy_and_reference(policy, reference, micro, prefix="kl_", **op)
+    return jnp.sum(kl - kl_ref)
+
+  count = batch["kl_input_ids"].shape[0] * batch["kl_input_ids"].shape[1]  # mismatched rows [A, B, T]
+  mean = jnp.sum(jax.lax.map(summed, batch)) / count
+  return {"z0": jax.lax.stop_gradient(jnp.maximum(0.0, mean))}
 
 
 def unpaired_counts(batch):
@@ -147,9 +169,7 @@ def _rewards(model, batch):
   """The scalar head at each sequence's last token [E...] (padded or packed)."""
   flat = rows(batch)
   values = model(flat["input_ids"], segment_ids=flat["segment_ids"])  # [R, T]
-  seg = flat["segment_ids"]
-  last = (seg != 0) & (seg != jnp.pad(seg[:, 1:], ((0, 0), (0, 1))))  # [R, T] the last token of its segment
-  return sequence_sums(values, last, batch)[0]
+  return sequence_sums(values, losses.segment_ends(flat["segment_ids"]), batch)[0]
 
 
 def reward_pair_stats(model, reference, batch, **op):
@@ -163,31 +183,34 @@ def reward_list_stats(model, reference, batch, **op):
   return losses.RewardList(rewards=_rewards(model, batch), labels=batch["scores"])
 
 
-_BY_INPUT = {
-  losses.PairStats: ("preference", pair_stats, pair_counts),
-  losses.ListStats: ("ranked", list_stats, list_counts),
-  losses.UnpairedStats: ("unpaired", unpaired_stats, unpaired_counts),
+OFFLINE_ALGORITHMS = ("sft", "reward", "preference")
+_BY_INPUT = {  # how each input type is computed from a batch: (stats, step counts)
+  losses.PairStats: (pair_stats, pair_counts),
+  losses.ListStats: (list_stats, list_counts),
+  losses.UnpairedStats: (unpaired_stats, unpaired_counts),
+  losses.RewardPair: (reward_pair_stats, pair_counts),
+  losses.RewardList: (reward_list_stats, list_counts),
 }
-REFERENCE_FREE = {"cpo", "simpo", "orpo", "slic", "pmle", "preference_distillation"}
-REWARD_LOSSES = {"bradley_terry": ("preference", reward_pair_stats, pair_counts),
-                 "thurstone": ("preference", reward_pair_stats, pair_counts),
-                 "rm_all_pairs": ("ranked", reward_list_stats, list_counts),
-                 "rm_plackett_luce": ("ranked", reward_list_stats, list_counts)}
 
 
-def objective_for(algorithm: str, loss_name: str) -> Objective:
-  """The Objective of `algorithm` (sft | reward | preference) trained with registered loss `loss_name`."""
+def objective_for(algorithm: str, loss_name: str, params: dict | None = None) -> Objective:
+  """The Objective of `algorithm` (sft | reward | preference) trained with registered loss `loss_name` and
+  `params` (`loss.params`); what it needs (data format, reference, statistics) comes from the loss's
+  registration (`losses.spec`)."""
+  spec = losses.spec(loss_name)
   if algorithm == "sft":
-    return Objective("sft", "sft", False, False, sft_stats, sft_counts)
-  if algorithm == "reward":
-    if loss_name not in REWARD_LOSSES:
-      raise ValueError(f"loss.name={loss_name!r} is not a reward-model loss; choose one of {sorted(REWARD_LOSSES)}")
-    fmt, stats, counts = REWARD_LOSSES[loss_name]
-    return Objective(loss_name, fmt, True, False, stats, counts)
-  if algorithm == "preference":
-    kind = losses.input_type(loss_name)
-    if kind not in _BY_INPUT:
-      raise ValueError(f"loss.name={loss_name!r} is not an offline preference loss (it takes {kind.__name__})")
-    fmt, stats, counts = _BY_INPUT[kind]
-    return Objective(loss_name, fmt, False, loss_name not in REFERENCE_FREE, stats, counts)
-  raise ValueError(f"algorithm={algorithm!r}; choose one of sft, reward, preference")
+    if spec.data_format != "sft":
+      raise ValueError(f"loss.name={loss_name!r} is not an SFT loss; choose sft")
+    return Objective(loss_name, "sft", False, False, sft_stats, sft_counts)
+  if algorithm not in ("reward", "preference"):
+    raise ValueError(f"algorithm={algorithm!r}; choose one of sft, reward, preference")
+  if spec.reward_model != (algorithm == "reward") or spec.inputs not in _BY_INPUT:
+    kind = "reward-model" if algorithm == "reward" else "offline preference"
+    choices = [n for n in losses.available() if (s := losses.spec(n)).inputs in _BY_INPUT
+               and s.reward_model == (algorithm == "reward")]
+    raise ValueError(f"loss.name={loss_name!r} is not a{'n' * (kind[0] == 'o')} {kind} loss (it takes "
+                     f"{spec.inputs.__name__}); choose one of {', '.join(choices)}")
+  stats, counts = _BY_INPUT[spec.inputs]
+  prepass = kto_reference_point if "z0" in spec.step_inputs else None
+  return Objective(loss_name, spec.data_format, spec.reward_model, spec.uses_reference(params or {}),
+                   stats, counts, prepass, spec.running)

@@ -9,7 +9,6 @@ weights under LoRA, and the reference policy's weights when it is a separate cop
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -19,48 +18,7 @@ from flax import nnx
 
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms.objectives import Objective, eval_metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """AdamW with warm-up and decay, global-norm clipping and gradient accumulation."""
-
-  lr: float = 1e-4
-  # constant | linear | cosine (decay to lr * min_lr_ratio after warm-up)
-  schedule: str = "cosine"
-  warmup_steps: int = 0
-  min_lr_ratio: float = 0.1
-  weight_decay: float = 0.0
-  b1: float = 0.9
-  b2: float = 0.95
-  eps: float = 1e-8
-  # Global-norm gradient clipping; 0 disables it.
-  max_grad_norm: float = 1.0
-  # Micro-batches per optimiser step.
-  grad_accum: int = 1
-  # dtype of Adam's first moment: None = the parameters' dtype, or "bfloat16" / "float32". The second
-  # moment always follows the parameter dtype, so TRL's bf16 precision is model.param_dtype=bfloat16
-  # optim.mu_dtype=bfloat16, and float32 master weights and moments are the default with param_dtype float32.
-  mu_dtype: str | None = None
-  # An update whose gradient is not finite is skipped (the weights stay as they were) and counted; this many
-  # skipped in a row stop the run with an error (0: never stop).
-  max_consecutive_skips: int = 5
-
-  def __post_init__(self):
-    if not (math.isfinite(self.lr) and self.lr > 0):
-      raise ValueError(f"optim.lr={self.lr} must be a finite number > 0")
-    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1 and self.eps > 0):
-      raise ValueError("optim.b1 and optim.b2 must be in [0, 1) and optim.eps > 0")
-    if not (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1 and self.weight_decay >= 0
-            and self.max_grad_norm >= 0 and self.max_consecutive_skips >= 0):
-      raise ValueError("optim.warmup_steps, weight_decay, max_grad_norm and max_consecutive_skips must be >= 0, "
-                       "optim.min_lr_ratio in [0, 1]")
-    if self.schedule not in ("constant", "linear", "cosine"):
-      raise ValueError(f"optim.schedule={self.schedule!r}; choose constant, linear or cosine")
-    if self.grad_accum < 1:
-      raise ValueError("optim.grad_accum must be >= 1")
-    if self.mu_dtype not in (None, "bfloat16", "float32"):
-      raise ValueError(f"optim.mu_dtype={self.mu_dtype!r}; choose bfloat16, float32 or null (the parameters' dtype)")
+from jaxalign.config import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -117,6 +75,23 @@ class TrainState(NamedTuple):
   opt_state: Any
   step: jax.Array
   rng: jax.Array
+  # Running means a loss keeps across steps ({argument: {"mean", "count"}}; `Objective.running`), else empty.
+  loss_state: Any = {}
+
+
+def init_loss_state(objective: Objective) -> dict:
+  """Every running mean of `objective` at zero, before its first step."""
+  return {arg: {"mean": jnp.zeros((), jnp.float32), "count": jnp.zeros((), jnp.int32)} for arg in objective.running}
+
+
+def update_loss_state(objective: Objective, loss_state: dict, metrics: dict) -> dict:
+  """The running means with this step's metrics counted (each step weighs the same)."""
+  out = {}
+  for arg, metric in objective.running.items():
+    count = loss_state[arg]["count"] + 1
+    mean = loss_state[arg]["mean"]
+    out[arg] = {"mean": mean + (metrics[metric].astype(jnp.float32) - mean) / count, "count": count}
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,15 +119,37 @@ class StepFns:
     policy, reference = self.policy(trainable, frozen_params), self.reference(frozen_params)
     return self.objective.stats(policy, reference, batch, **self.op)
 
+  def step_inputs(self, state, frozen_params, batch):
+    """The loss's step-level inputs over the whole batch [A, ...]: its counts, its running means over the steps
+    before, and the statistics that need a forward pass first (KTO's reference point), so that micro-batch
+    losses sum exactly."""
+    counts = {**self.objective.step_counts(batch), **{k: v["mean"] for k, v in state.loss_state.items()}}
+    if self.objective.prepass is None:
+      return counts
+    policy, reference = self.policy(state.trainable, frozen_params), self.reference(frozen_params)
+    return {**counts, **jax.lax.stop_gradient(self.objective.prepass(policy, reference, batch, **self.op))}
+
   def micro_loss(self, trainable, frozen_params, batch, counts):
     return self.objective.loss(self.stats(trainable, frozen_params, batch), counts, self.loss_params)
+
+
+def is_share(key: str) -> bool:
+  """Whether a loss metric is a micro-batch's share of a step-level quantity (divided by the step's counts, so
+  the shares add up): the loss, its named parts ("*_loss") and the numerators of token-normalised ones."""
+  return key in ("loss", "numerator", "nll_per_token") or key.endswith(("_loss", "/numerator"))
+
+
+def combine_metrics(per_micro: dict) -> dict:
+  """Step metrics from micro-batch metrics stacked on axis 0: shares (`is_share`) added, the rest (per-example
+  means over equal micro-batches, step-level denominators) averaged."""
+  return {k: (jnp.sum if is_share(k) else jnp.mean)(v, axis=0) for k, v in per_micro.items()}
 
 
 def make_train_step(fns: StepFns):
   """step(state, batch [A, ...], frozen) -> (state, metrics)."""
 
   def step(state: TrainState, batch: dict, frozen_params: dict):
-    counts = fns.objective.step_counts(batch)
+    counts = fns.step_inputs(state, frozen_params, batch)
     grad_fn = jax.value_and_grad(fns.micro_loss, has_aux=True)
 
     def accumulate(grads, micro_batch):
@@ -164,24 +161,26 @@ def make_train_step(fns: StepFns):
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
     grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
-    metrics = {k: jnp.mean(v, axis=0) for k, v in per_micro.items()}
-    metrics["loss"] = jnp.sum(per_micro["loss"])  # shares sum to the step loss
+    metrics = combine_metrics(per_micro)
     updates, opt_state = fns.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     rng, _ = jax.random.split(state.rng)
-    return TrainState(trainable, opt_state, state.step + 1, rng), metrics
+    loss_state = update_loss_state(fns.objective, state.loss_state, metrics)
+    return TrainState(trainable, opt_state, state.step + 1, rng, loss_state), metrics
 
   return step
 
 
 def make_eval_step(fns: StepFns):
-  """eval(state, batch [B, ...], frozen) -> metrics (loss over this batch alone)."""
+  """eval(state, batch [B, ...], frozen, counts=None) -> metrics. The loss is this batch's share of a loss over
+  several batches whose step counts are `counts` (None: over this batch alone)."""
 
-  def evaluate(state: TrainState, batch: dict, frozen_params: dict):
+  def evaluate(state: TrainState, batch: dict, frozen_params: dict, counts: dict | None = None):
     stacked = jax.tree.map(lambda x: x[None], batch)
     stats = fns.stats(state.trainable, frozen_params, batch)
-    loss, metrics = fns.objective.loss(stats, fns.objective.step_counts(stacked), fns.loss_params)
-    return {**metrics, **eval_metrics(stats), "loss": loss}
+    inputs = {**fns.step_inputs(state, frozen_params, stacked), **(counts or {})}
+    loss, metrics = fns.objective.loss(stats, inputs, fns.loss_params)
+    return {**metrics, **eval_metrics(stats, inputs), "loss": loss}
 
   return evaluate

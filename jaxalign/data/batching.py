@@ -12,6 +12,9 @@ Packed pairs and lists (`collate_packed`) keep B examples but put their B*C sequ
 Pairs and lists with a shared prompt (`collate_multi(share_prompt=True)`, when it takes fewer token slots):
 every row is the prompt left-padded to P, then the response right-padded, and `prompt_mask` [B, P] marks the
 prompt's tokens; the objective then runs each prompt once (`forward.example_logps`).
+
+Online algorithms that learn from a dataset's responses (SPIN, PMLE, preference distillation) get those rows
+prefixed `data_` beside the prompts they sample from (`with_prompts`).
 """
 
 from __future__ import annotations
@@ -64,8 +67,16 @@ def _prompt_first_row(prompt: np.ndarray, response: np.ndarray, prompt_length: i
   return (np.pad(x, (start, 0)) for x in (ids, mask, seg))
 
 
-def _left_padded_mask(prompt: np.ndarray, length: int) -> np.ndarray:
-  return (np.arange(length) >= length - len(prompt)).astype(np.int32)
+def left_pad(sequences: Sequence, pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pad token lists to `length` (default: the longest), the one home of left padding (prompts for
+  generation, shared-prompt rows). Returns ids, mask [B, P] int32."""
+  length = max(len(s) for s in sequences) if length is None else length
+  ids = np.full((len(sequences), length), pad_id, np.int32)
+  mask = np.zeros((len(sequences), length), np.int32)
+  for row, seq in enumerate(sequences):
+    if len(seq):
+      ids[row, -len(seq):], mask[row, -len(seq):] = seq, 1
+  return ids, mask
 
 
 def shared_prompt_lengths(examples: Sequence[Encoded], buckets: Sequence[int]) -> tuple[int, int] | None:
@@ -118,12 +129,20 @@ def collate_multi(examples: Sequence[Encoded], buckets: Sequence[int], rows: Seq
                    for e in local]
   batch = {k: np.stack([b[k] for b in per_example]) for k in per_example[0]}
   if lengths is not None:
-    batch["prompt_mask"] = np.stack([_left_padded_mask(e.prompt, lengths[0]) for e in local])
-  if local[0].scores:
-    batch["scores"] = np.asarray([e.scores for e in local], np.float32)
-  if local[0].ref_logps:
-    batch["ref_logps"] = np.asarray([e.ref_logps for e in local], np.float32)
-  return batch
+    batch["prompt_mask"] = left_pad([e.prompt for e in local], 0, lengths[0])[1]
+  return {**batch, **_per_example_values(local)}
+
+
+def _per_example_values(local: Sequence[Encoded]) -> dict[str, np.ndarray]:
+  """The examples' own numbers: `scores` / `ref_logps` [B, C] per response, `margin` [B] (preference pairs)."""
+  out = {}
+  for key in ("scores", "ref_logps", "margin"):
+    present = [getattr(e, key) not in (None, ()) for e in local]
+    if any(present) and not all(present):
+      raise ValueError(f"some examples of a batch carry '{key}' and others do not; give it for every example")
+    if present and present[0]:
+      out[key] = np.asarray([getattr(e, key) for e in local], np.float32)
+  return out
 
 
 def collate_unpaired(examples: Sequence[Encoded], buckets: Sequence[int],
@@ -142,10 +161,20 @@ def collate_prompts(examples: Sequence[Encoded], buckets: Sequence[int],
   """Prompt-only rows, left-padded for generation: prompt_ids / prompt_mask [B, P] and uid [B]."""
   length = bucket_length(max(len(e.prompt) for e in examples), buckets)
   local = _take(examples, rows)
-  ids, mask = np.zeros((len(local), length), np.int32), np.zeros((len(local), length), np.int32)
-  for i, e in enumerate(local):
-    ids[i, length - len(e.prompt):], mask[i, length - len(e.prompt):] = e.prompt, 1
+  ids, mask = left_pad([e.prompt for e in local], 0, length)
   return {"prompt_ids": ids, "prompt_mask": mask, "uid": np.asarray([e.uid for e in local], np.int32)}
+
+
+# Online algorithms that train on a dataset's responses get its rows under this prefix beside the prompts.
+DATA_PREFIX = "data_"
+
+
+def with_prompts(batch: dict[str, np.ndarray], examples: Sequence[Encoded], buckets: Sequence[int],
+                 rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+  """An online algorithm's batch: the prompts to sample from (`collate_prompts`: prompt_ids / prompt_mask
+  [B, P], uid [B]) and `batch`, the same examples collated in their data format (an SFT demonstration [B, T], a
+  preference pair [B, 2, T] with its `scores` [B, 2] when the data has them), each key prefixed by DATA_PREFIX."""
+  return {**collate_prompts(examples, buckets, rows), **{DATA_PREFIX + k: v for k, v in batch.items()}}
 
 
 def pack_rows(examples: Sequence[Encoded], num_rows: int, length: int,
@@ -237,11 +266,7 @@ def collate_packed(examples: Sequence[Encoded], buckets: Sequence[int], rows: Se
       pieces.append((local[b].prompt, local[b].responses[c]))
     packed.append(_row(pieces, length))
   batch = {**_stack_rows(packed), "pack_row": pack_row, "pack_segment": pack_segment}
-  if local[0].scores:
-    batch["scores"] = np.asarray([e.scores for e in local], np.float32)
-  if local[0].ref_logps:
-    batch["ref_logps"] = np.asarray([e.ref_logps for e in local], np.float32)
-  return batch
+  return {**batch, **_per_example_values(local)}
 
 
 def equal_packed_rows(batches: list[dict]) -> list[dict]:

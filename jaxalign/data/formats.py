@@ -5,7 +5,9 @@ chat template). Accepted record layouts:
 
 - sft:        {prompt, completion} | {messages: [..., {role: assistant, content}]} | {text}
 - preference: {prompt, chosen, rejected} (strings or assistant message lists) | HH-RLHF {chosen, rejected}
-              full dialogues, split at the last "\\n\\nAssistant:" of their longest common prefix
+              full dialogues, split at the last "\\n\\nAssistant:" of their longest common prefix; optional
+              score_chosen / score_rejected (a reward model's scores: preference distillation's soft labels,
+              as in UltraFeedback) and margin (a reward model's preference-strength margin, Llama 2)
 - unpaired:   {prompt, completion, label: bool} (KTO)
 - ranked:     {prompt, responses: [...], scores: [...]} (higher score = better)
 - prompt:     {prompt} or {question} (+ optional answer, for rule-based rewards), or HH-RLHF pairs (their
@@ -32,7 +34,9 @@ class Example:
 
   prompt: Prompt
   responses: tuple[str, ...] = ()
-  scores: tuple[float, ...] = ()  # ranked: per-response score; unpaired: (1.0,) desirable / (0.0,) not
+  # ranked: per-response score; unpaired: (1.0,) desirable / (0.0,) not; preference: (chosen, rejected) scores
+  scores: tuple[float, ...] = ()
+  margin: float | None = None  # preference: the reward model's margin for this pair
   answer: str | None = None  # prompt format: gold answer for rule rewards
 
 
@@ -81,16 +85,28 @@ def parse_sft(record: dict, where: str) -> Example:
                  (_response_text(_field(record, "completion", where), "completion", where),))
 
 
+def _number(record: dict, key: str, where: str) -> float:
+  value = record[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise DataError(f"{where}: field '{key}' must be a number, got {value!r}")
+  return float(value)
+
+
 def parse_preference(record: dict, where: str) -> Example:
   chosen = _response_text(_field(record, "chosen", where), "chosen", where)
   rejected = _response_text(_field(record, "rejected", where), "rejected", where)
-  if "prompt" in record:
-    return Example(_prompt(record["prompt"], where), (chosen, rejected))
-  try:
-    prompt, chosen, rejected = split_hh_dialogues(chosen, rejected)
-  except ValueError as e:
-    raise DataError(f"{where}: no field 'prompt', and not HH-RLHF dialogues: {e}") from None
-  return Example(prompt, (chosen, rejected))
+  scored = [k in record for k in ("score_chosen", "score_rejected")]
+  if any(scored) and not all(scored):
+    raise DataError(f"{where}: 'score_chosen' and 'score_rejected' come together; this record has one")
+  scores = tuple(_number(record, k, where) for k in ("score_chosen", "score_rejected")) if all(scored) else ()
+  margin = _number(record, "margin", where) if "margin" in record else None
+  if "prompt" not in record:
+    try:
+      prompt, chosen, rejected = split_hh_dialogues(chosen, rejected)
+    except ValueError as e:
+      raise DataError(f"{where}: no field 'prompt', and not HH-RLHF dialogues: {e}") from None
+    return Example(prompt, (chosen, rejected), scores, margin=margin)
+  return Example(_prompt(record["prompt"], where), (chosen, rejected), scores, margin=margin)
 
 
 def parse_unpaired(record: dict, where: str) -> Example:

@@ -77,6 +77,8 @@ class Batches:
   exactly the batches an uninterrupted one would have. `rows` (set by a multi-process trainer) selects the
   rows of each global batch this process builds; every process walks the same order. `pack_multiple` (set by
   a trainer to the batch shards per process) makes packed pair / list row counts divide evenly over them.
+  `prompts` (set by a trainer for an online algorithm that trains on sft / preference data) adds the prompts
+  to sample from beside the data's rows (`batching.with_prompts`).
   """
 
   def __init__(self, examples: list[Encoded], cfg: DataConfig, seed: int, *, shuffle: bool | None = None,
@@ -86,6 +88,7 @@ class Batches:
     self.examples, self.cfg, self.seed = examples, cfg, seed
     self.rows: list[int] | None = None
     self.pack_multiple = 1
+    self.prompts = False
     self.shuffle = cfg.shuffle if shuffle is None else shuffle
     self.epoch, self.index = 0, 0
     self._order = self._permutation(0)
@@ -123,6 +126,8 @@ class Batches:
                  "unpaired": batching.collate_unpaired}.get(cfg.format)
       batch = (collate(chosen, cfg.bucket_lengths, self.rows) if collate else
                batching.collate_multi(chosen, cfg.bucket_lengths, self.rows, cfg.share_prompt))
+    if self.prompts and cfg.format != "prompt":
+      batch = batching.with_prompts(batch, chosen, cfg.bucket_lengths, self.rows)
     self.index += used
     return batch
 

@@ -25,6 +25,7 @@ class Encoded:
   responses: tuple[np.ndarray, ...]  # each [R_i] int32
   scores: tuple[float, ...] = ()
   answer: str | None = None
+  margin: float | None = None  # preference pairs: the reward model's margin from the data
   ref_logps: tuple[float, ...] = ()  # cached reference log-probs of each response (reference.mode=precomputed)
   uid: int = -1  # position in its split (prompt batches carry it so host-side rewards find the answer)
 
@@ -62,7 +63,7 @@ def encode_example(tokenizer, example: Example, max_length: int, max_prompt_leng
       ids = ids[:budget]
       counts["response truncated"] += 1
     responses.append(np.asarray(ids, np.int32))
-  return Encoded(np.asarray(prompt, np.int32), tuple(responses), example.scores, example.answer)
+  return Encoded(np.asarray(prompt, np.int32), tuple(responses), example.scores, example.answer, example.margin)
 
 
 def check_vocab(tokenizer, vocab_size: int, where: str = "tokenizer") -> None:

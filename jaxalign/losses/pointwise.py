@@ -32,7 +32,9 @@ def bco_loss(batch: PairStats, *, beta: float = 0.1, delta: Array = 0.0,
 
   L = mean_b [-logsig(beta l_w - delta) - logsig(-(beta l_l - delta))], delta detached. TRL's
   current `bco_pair` uses delta = 0; the paper keeps a running mean of beta * l over chosen and
-  rejected - maintain it in the trainer from the metric `bco/reward_mean` and pass it back in.
+  rejected. The trainers do (the registration's `running`): delta is the mean of the metric
+  `bco/reward_mean` over the steps before this one, kept in the train state (TRL's older BCOTrainer
+  also counted the current batch, which accumulation over micro-batches could not do exactly).
   """
   l_w, l_l = pair_logratios(batch, "bco")
   r_w, r_l = beta * l_w, beta * l_l

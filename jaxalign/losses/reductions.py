@@ -40,17 +40,6 @@ def masked_var(x: Array, mask: Array, *, ddof: int = 1) -> Array:
   return safe_div(masked_sum((as_float(x) - mean) ** 2, mask), jnp.maximum(count - ddof, 0.0))
 
 
-def sequence_sums(logps: Array, mask: Array) -> tuple[Array, Array]:
-  """Per-sequence summed log-prob S(y) and token count n(y) (OBJECTIVES.md §0).
-
-  Args:
-    logps: [B, T] token log-probs; mask: [B, T] loss-token mask.
-  Returns:
-    (S [B], n [B]); n is not clamped here.
-  """
-  return masked_sum(logps, mask, axis=-1), jnp.sum(as_float(mask), axis=-1)
-
-
 def aggregate(values: Array, mask: Array, mode: str = "token_mean", *,
               max_len: Optional[int] = None, num_tokens: Optional[Array] = None,
               num_sequences: Optional[Array] = None) -> tuple[Array, Array]:
@@ -103,7 +92,8 @@ def packed_loss_mask(loss_mask: Array, segment_ids: Array) -> Array:
 
 
 def segment_sums(x: Array, mask: Array, segment_ids: Array, num_segments: int) -> Array:
-  """Per-segment masked sums in packed rows: S_k = sum_t [seg[t] == k] * m[t] * x[t].
+  """Per-segment masked sums in packed rows: S_k = sum_t [seg[t] == k] * m[t] * x[t] (the one home of
+  per-sequence sums: `algorithms.forward.sequence_sums` reads padded and packed batches through it).
 
   Args:
     x: [B, T] values (e.g. shifted token log-probs). mask: [B, T]. segment_ids: [B, T] segment of
@@ -113,5 +103,23 @@ def segment_sums(x: Array, mask: Array, segment_ids: Array, num_segments: int) -
     [B, num_segments]; column k-1 holds segment k (sums over n use x = 1).
   """
   x, mask = as_float(x), jnp.asarray(mask)
-  onehot = jax.nn.one_hot(segment_ids - 1, num_segments, dtype=x.dtype)  # [B, T, K]
-  return jnp.einsum("BT,BTK->BK", jnp.where(mask > 0, x * mask.astype(x.dtype), 0.0), onehot)
+  values = jnp.where(mask > 0, x * mask.astype(x.dtype), 0.0)
+  per_row = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=num_segments + 1))
+  return per_row(values, segment_ids)[:, 1:]
+
+
+def last_token_onehot(mask: Array) -> Array:
+  """One-hot [B, T] of the last valid position of each row (left or right padding); all zeros for an empty row."""
+  mask = jnp.asarray(mask) > 0
+  t = mask.shape[-1]
+  last = t - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # [B]
+  onehot = jax.nn.one_hot(last, t, dtype=jnp.float32)  # [B, T]
+  return onehot * jnp.any(mask, axis=-1, keepdims=True)
+
+
+def segment_ends(segment_ids: Array) -> Array:
+  """Bool [B, T]: the last token of each segment of packed rows (ids 1, 2, ...; 0 = padding). With one segment
+  per row it is `last_token_onehot` of the row's tokens."""
+  seg = jnp.asarray(segment_ids)
+  following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+  return (seg != 0) & (seg != following)

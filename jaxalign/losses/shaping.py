@@ -15,17 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.losses.kl import kl_estimate
-from jaxalign.losses.reductions import masked_sum
+from jaxalign.losses.reductions import last_token_onehot, masked_sum
 from jaxalign.losses.stats import Array, as_float
-
-
-def last_token_onehot(mask: Array) -> Array:
-  """One-hot [B, T] of the last valid position of each row; all zeros for an empty row."""
-  mask = jnp.asarray(mask) > 0
-  t = mask.shape[-1]
-  last = t - 1 - jnp.argmax(mask[:, ::-1], axis=-1)  # [B]
-  onehot = jax.nn.one_hot(last, t, dtype=jnp.float32)  # [B, T]
-  return onehot * jnp.any(mask, axis=-1, keepdims=True)
 
 
 def kl_shaped_rewards(score: Array, old_logps: Array, ref_logps: Array, mask: Array, *,

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign import sharding
+from jaxalign import losses, sharding
 from jaxalign.models import layer_stack
 from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_axes, cache_mask_info, cache_slot_axes,
                                       sequence_mask_info)
@@ -248,6 +248,4 @@ class ScalarModel(nnx.Module):
 
 def last_token_values(values: jax.Array, attention_mask: jax.Array) -> jax.Array:
   """values [B, T] read at each row's last real token (works for left and right padding). -> [B]."""
-  t = jnp.arange(values.shape[1])
-  last = jnp.max(jnp.where(attention_mask.astype(bool), t, -1), axis=1)
-  return jnp.take_along_axis(values, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+  return jnp.sum(values * losses.last_token_onehot(attention_mask), axis=1)

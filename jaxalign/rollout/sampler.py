@@ -16,10 +16,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxalign import sharding
+from jaxalign.data.batching import left_pad
 from jaxalign.models.attention import cache_axes, cache_slot_axes
 from jaxalign.models.decoder import default_positions
 
@@ -259,17 +259,6 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Arra
 
 
 _generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Left-pad token lists to `length` (default: the longest). Returns ids, mask [B, P] int32."""
-  length = max(len(s) for s in sequences) if length is None else length
-  ids = np.full((len(sequences), length), pad_id, np.int32)
-  mask = np.zeros((len(sequences), length), np.int32)
-  for row, seq in enumerate(sequences):
-    if seq:
-      ids[row, -len(seq):], mask[row, -len(seq):] = seq, 1
-  return ids, mask
 
 
 def _bucket(length: int) -> int:

@@ -175,3 +175,27 @@ def test_batches_are_deterministic_and_resumable():
 def test_too_few_examples_is_an_error():
   with pytest.raises(DataError, match="only 3 usable examples"):
     Batches([None] * 3, DataConfig(batch_size=4), 0)
+
+
+def test_preference_scores_and_margins_reach_the_batch(tmp_path):
+  records = [{**r, "score_chosen": 1.5 + i, "score_rejected": -0.5 * i, "margin": 0.25 * i}
+             for i, r in enumerate(RECORDS)]
+  path = tmp_path / "scored.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = DataConfig(train=[str(path)], eval=[str(path)], format="preference", batch_size=4, max_length=32,
+                   max_prompt_length=16, share_prompt=False)
+  batch = next(build_datasets(cfg, digits_tokenizer(), seed=0)[0])
+  by_chosen = {r["score_chosen"]: (r["score_rejected"], r["margin"]) for r in records}
+  assert batch["scores"].shape == (4, 2) and batch["margin"].shape == (4,)
+  for (chosen, rejected), margin in zip(batch["scores"], batch["margin"]):
+    assert by_chosen[float(chosen)] == (float(rejected), float(margin))
+
+
+def test_half_scored_preference_record_is_an_error(tmp_path):
+  path = tmp_path / "half.jsonl"
+  path.write_text(json.dumps({**RECORDS[0], "score_chosen": 1.0}) + "\n")
+  with pytest.raises(DataError, match=r"half.jsonl:1: 'score_chosen' and 'score_rejected' come together"):
+    parse_records(read_records(str(path)), "preference")
+  path.write_text(json.dumps({**RECORDS[0], "margin": "big"}) + "\n")
+  with pytest.raises(DataError, match=r"half.jsonl:1: field 'margin' must be a number"):
+    parse_records(read_records(str(path)), "preference")

@@ -58,16 +58,48 @@ def test_unknown_name_is_a_one_line_error_listing_the_names():
 
 
 def test_register_adds_a_variant_and_refuses_duplicates():
-  def my_loss(batch, *, beta=0.1):
-    return L.dpo_loss(batch, beta=2 * beta)
+  def my_loss(batch, *, beta=0.1, num_pairs=None):
+    return L.dpo_loss(batch, beta=2 * beta, num_pairs=num_pairs)
 
   try:
-    L.register("my_dpo", my_loss, L.PairStats)
+    L.register("my_dpo", my_loss, L.PairStats, reference="required")
     assert L.get("my_dpo") is my_loss and "my_dpo" in L.available()
+    spec = L.spec("my_dpo")
+    assert spec.data_format == "preference" and spec.counts == ("num_pairs",) and not spec.reward_model
+    assert list(spec.params) == ["beta"] and spec.params["beta"].default == 0.1
     with pytest.raises(ValueError):
-      L.register("my_dpo", my_loss, L.PairStats)
+      L.register("my_dpo", my_loss, L.PairStats, reference="required")
   finally:
     registry._REGISTRY.pop("my_dpo", None)
+
+
+def test_registration_declares_the_reference_use():
+  def free(batch, *, beta=0.1):
+    return L.simpo_loss(batch, beta=beta)
+
+  with pytest.raises(TypeError, match="reference"):
+    L.register("free", free, L.PairStats)  # no silent default: a reference-free loss would run a reference
+  with pytest.raises(ValueError, match="reference"):
+    L.register("free", free, L.PairStats, reference="sometimes")
+  with pytest.raises(ValueError, match="beta"):
+    L.register("free", lambda batch, *, tau=1.0: None, L.TokenBatch, reference="beta")
+  assert "free" not in L.available()
+
+
+def test_reference_use_follows_the_registration_and_the_params():
+  assert L.spec("dpo").uses_reference({}) and not L.spec("dpo").uses_reference({"reference_free": True})
+  assert not any(L.spec(n).uses_reference({}) for n in ("simpo", "cpo", "orpo", "slic", "pmle", "sft"))
+  assert L.spec("grpo").uses_reference({}) and not L.spec("grpo").uses_reference({"beta": 0.0})
+  assert not L.spec("dapo").uses_reference({}) and L.spec("dapo").uses_reference({"beta": 0.01})
+
+
+def test_help_lists_every_loss_with_its_parameters():
+  lines = L.help_lines()
+  assert len(lines) == len(L.available())
+  dpo = next(line for line in lines if line.split()[0] == "dpo")
+  assert "beta=0.1" in dpo and "label_smoothing=0.0" in dpo and "num_pairs" not in dpo and "reference" in dpo
+  assert "no reference" in next(line for line in lines if line.split()[0] == "simpo")
+  assert "max_len (required)" in next(line for line in lines if line.split()[0] == "dr_grpo")
 
 
 def test_missing_reference_is_an_error_not_zeros():

@@ -383,14 +383,19 @@ def test_ppo_critic_starts_from_the_policy_backbone_with_a_zero_head(ppo_run):
 
 
 def test_every_algorithm_has_a_registered_loss():
-  assert set(ALGORITHMS) == {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo", "remax", "reinforce",
-                             "reinforce_pp", "online_dpo", "rft"}
+  assert set(ALGORITHMS) == {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "luspo", "sapo", "vespo", "rloo",
+                             "remax", "reinforce", "reinforce_pp", "online_dpo", "rft", "rkl", "spin", "pmle",
+                             "preference_distillation"}
   for name, alg in ALGORITHMS.items():
     assert callable(losses.get(alg.loss)), name
   assert {name: alg.loss for name, alg in ALGORITHMS.items()} == {
       "ppo": "ppo", "grpo": "grpo", "dr_grpo": "dr_grpo", "dapo": "dapo", "gspo": "gspo", "cispo": "cispo",
-      "rloo": "rloo", "remax": "reinforce", "reinforce": "reinforce", "reinforce_pp": "reinforce_pp",
-      "online_dpo": "dpo", "rft": "sft"}
+      "luspo": "luspo", "sapo": "sapo", "vespo": "vespo", "rloo": "rloo", "remax": "reinforce",
+      "reinforce": "reinforce", "reinforce_pp": "reinforce_pp", "online_dpo": "dpo", "rft": "sft", "rkl": "rkl",
+      "spin": "dpo", "pmle": "pmle", "preference_distillation": "preference_distillation"}
+  # What each trains on: prompts alone, or a dataset's demonstrations / pairs beside samples of their prompts.
+  assert {name: alg.data_format for name, alg in ALGORITHMS.items() if alg.data_format != "prompt"} == {
+      "spin": "sft", "pmle": "preference", "preference_distillation": "preference"}
 
 
 def uses_reference(name, loss_params=None, **rl):
@@ -414,11 +419,16 @@ def test_uses_reference_is_explicit_for_each_algorithm():
     assert uses_reference(name, kl_loss_coef=0.05), name
   assert uses_reference("online_dpo")  # the DPO loss is relative to the reference
   assert not uses_reference("rft") and uses_reference("rft", kl_loss_coef=0.1)
+  assert uses_reference("spin", reference_update_steps=10)  # SPIN's DPO loss, relative to the last iterate
+  # Yun et al.'s objectives: the reference serves their on-policy KL term, beta x KL (pmle 1e-5, distillation 0.05).
+  for name in ("pmle", "preference_distillation"):
+    assert uses_reference(name) and not uses_reference(name, {"beta": 0.0}), name
 
 
-def test_only_ppo_has_a_critic_and_only_policy_gradients_replay_the_sampling_mask():
-  assert {name for name, alg in ALGORITHMS.items() if alg.critic} == {"ppo"}
-  assert {name for name, alg in ALGORITHMS.items() if not alg.replays_sampling_mask} == {"online_dpo", "rft"}
+def test_only_the_ppo_family_has_a_critic_and_only_policy_gradients_replay_the_sampling_mask():
+  assert {name for name, alg in ALGORITHMS.items() if alg.critic} == {"ppo", "rkl"}  # RKL is PPO with an entropy term
+  assert {name for name, alg in ALGORITHMS.items() if not alg.replays_sampling_mask} == {
+      "online_dpo", "rft", "spin", "pmle", "preference_distillation"}
   tree = {"policy": {"a": 1}, "value": {"b": 2}}
   assert ALGORITHMS["ppo"].policy_params(tree) is tree["policy"]
   assert ALGORITHMS["grpo"].policy_params(tree) is tree

@@ -36,7 +36,8 @@ def rl_stage(tmp_path, algorithm, **changes):
   return from_dict(TrainConfig, cfg)
 
 
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+# Algorithms that train on a dataset's responses (SPIN, PMLE, distillation): tests/rollout/test_offline_data_online.py
+@pytest.mark.parametrize("algorithm", sorted(n for n, a in ALGORITHMS.items() if a.data_format == "prompt"))
 def test_every_online_algorithm_raises_the_reward(tmp_path, algorithm):
   result = train(rl_stage(tmp_path, algorithm))
   before, after = result["eval_before"]["reward"], result["eval_after"]["reward"]

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from jaxalign import sharding
-from jaxalign.algorithms.online.config import RLConfig
+from jaxalign.config import RLConfig
 from jaxalign.algorithms.online.packing import (pack, packed_or_padded, packed_rows, plan, saves_slots, unpack,
                                                 with_packing)
 from jaxalign.algorithms.online.step import OnlineFns

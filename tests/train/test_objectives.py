@@ -1,17 +1,19 @@
 """A few steps of every trainer and every registered offline loss: finite, decreasing, parameters move."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
 
 from jaxalign import losses
-from jaxalign.algorithms.objectives import REWARD_LOSSES
 from jaxalign.algorithms.step import make_eval_step, make_train_step
-from jaxalign.trainer import build_run, put_batch, stack_micro_batches
+from jaxalign.trainer import build_run, evaluate, put_batch, stack_micro_batches
 
 FORMAT = {losses.PairStats: "preference", losses.ListStats: "ranked", losses.UnpairedStats: "unpaired"}
-# preference_distillation fits external scores that the synthetic pairs do not carry.
-DIRECT = sorted(n for n in losses.available() if losses.input_type(n) in FORMAT and n != "preference_distillation")
+# Pairwise losses train in tests/train/test_orientation.py (as the data says, and against swapped data).
+DIRECT = sorted(n for n in losses.available() if losses.input_type(n) in FORMAT and losses.input_type(n) is not
+                losses.PairStats)
 
 
 def run_steps(cfg, steps=4):
@@ -51,9 +53,9 @@ def test_sft_with_packing_trains(stage):
   assert_trains(*run_steps(stage(algorithm="sft", loss__name="sft", data__packing=True, data__batch_size=2)))
 
 
-@pytest.mark.parametrize("loss_name", sorted(REWARD_LOSSES))
+@pytest.mark.parametrize("loss_name", sorted(n for n in losses.available() if losses.spec(n).reward_model))
 def test_reward_model_trains(stage, loss_name):
-  fmt = REWARD_LOSSES[loss_name][0]
+  fmt = losses.spec(loss_name).data_format
   before, after, moved = run_steps(stage(algorithm="reward", loss__name=loss_name, data__format=fmt))
   assert_trains(before, after, moved)
   assert ("accuracy" if fmt == "preference" else "ranking/pairwise_accuracy") in after
@@ -104,3 +106,68 @@ def test_bf16_compute_with_float32_master_weights_trains(stage):
   assert_trains(before, after, moved)
   run = build_run(cfg)
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(run.state.trainable))
+
+
+def test_bco_delta_is_the_running_mean_of_its_rewards_kept_in_the_state(stage):
+  run = build_run(stage(algorithm="preference", loss__name="bco", data__format="preference", optim__lr=1e-2))
+  train_step, eval_step = jax.jit(make_train_step(run.fns)), jax.jit(make_eval_step(run.fns))
+  state, seen = run.state, []
+  assert float(state.loss_state["delta"]["mean"]) == 0.0
+  for _ in range(3):
+    state, metrics = train_step(state, put_batch(stack_micro_batches([next(run.train_data)]), run.mesh,
+                                                 run.cfg.mesh.rules, 1), run.frozen)
+    seen.append(float(metrics["bco/reward_mean"]))
+  assert int(state.loss_state["delta"]["count"]) == 3 and len(set(seen)) == 3
+  np.testing.assert_allclose(float(state.loss_state["delta"]["mean"]), np.mean(seen), rtol=1e-5)
+  # The loss reads the stored delta: the eval loss is BCO's with delta = that running mean.
+  fixed = put_batch(run.eval_data.epoch_batches()[0], run.mesh, run.cfg.mesh.rules, 0)
+  stats = jax.jit(run.fns.stats)(state.trainable, run.frozen, fixed)
+  expected = float(losses.bco_loss(stats, delta=np.mean(seen))[0])
+  assert abs(expected - float(losses.bco_loss(stats)[0])) > 1e-4
+  np.testing.assert_allclose(float(eval_step(state, fixed, run.frozen)["loss"]), expected, rtol=1e-5)
+
+
+def test_reward_model_margins_come_from_the_data(stage, tmp_path):
+  from jaxalign.data.synthetic import sort_records
+
+  path = tmp_path / "margins.jsonl"
+  records = [{**r, "margin": float(i % 3)} for i, r in enumerate(sort_records(32, seed=3))]
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  run = build_run(stage(algorithm="reward", loss__name="bradley_terry", data__format="preference",
+                        data__train=[str(path)], data__eval=[str(path)]))
+  fixed = put_batch(run.eval_data.epoch_batches()[0], run.mesh, run.cfg.mesh.rules, 0)
+  stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, fixed)
+  np.testing.assert_array_equal(np.asarray(stats.margin), np.asarray(fixed["margin"]))
+  assert set(np.asarray(stats.margin).tolist()) == {0.0, 1.0, 2.0}
+  with_margin = float(jax.jit(make_eval_step(run.fns))(run.state, fixed, run.frozen)["loss"])
+  np.testing.assert_allclose(with_margin, float(losses.bradley_terry_loss(stats)[0]), rtol=1e-6)
+  assert with_margin > float(losses.bradley_terry_loss(stats._replace(margin=None))[0]) + 0.1
+
+
+def _union(batches):
+  """One batch of all `batches`' examples, each padded to the longest length (padding trains nothing)."""
+  length = max(b["input_ids"].shape[-1] for b in batches)
+  pad = lambda x: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])]) if x.ndim >= 2 else x
+  return {k: np.concatenate([pad(b[k]) if k in ("input_ids", "loss_mask", "segment_ids") else b[k]
+                             for b in batches]) for k in batches[0]}
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (dict(algorithm="sft", loss__name="sft"), ("loss", "nll_per_token")),
+    (dict(algorithm="preference", loss__name="cpo", data__format="preference", data__share_prompt=False),
+     ("loss", "nll_loss", "pref_loss", "rewards/accuracies")),
+])
+def test_eval_over_several_batches_is_the_eval_of_their_union(stage, overrides, keys):
+  run = build_run(stage(eval_batches=3, data__synthetic_size=[64, 24], **overrides))
+  eval_fn = jax.jit(run.eval_fn)
+  batches = run.eval_data.epoch_batches()[:3]
+  tokens = [int(np.sum(b["loss_mask"])) for b in batches]
+  assert len(set(tokens)) > 1  # unequal token counts: a mean of per-batch token means would be off
+  whole = jax.device_get(eval_fn(run.state, put_batch(_union(batches), run.mesh, run.cfg.mesh.rules, 0),
+                                 run.frozen))
+  result = evaluate(run, eval_fn)
+  for key in keys:
+    np.testing.assert_allclose(result[key], float(whole[key]), rtol=2e-6, err_msg=key)
+  per_batch = [float(eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0), run.frozen)[keys[0]])
+               for b in batches]
+  assert abs(np.mean(per_batch) - float(whole[keys[0]])) > 1e-5  # the old mean of means is not the same

@@ -23,7 +23,10 @@ def _layout(tree):
   dict(algorithm="preference", loss__name="dpo", data__format="preference", model__dtype="bfloat16"),
   dict(algorithm="preference", loss__name="dpo", data__format="preference", lora__rank=4, model__scan_layers=True),
   dict(algorithm="ppo", data__format="prompt", rl__group_size=2, rl__max_new_tokens=4, optim__mu_dtype="bfloat16"),
-], ids=["dpo_bf16_reference", "lora_scanned", "ppo_critic"])
+  # SPIN's iterated reference lives in the train state: the frozen copy's layout, or a copy of the adapters
+  dict(algorithm="spin", rl__group_size=2, rl__max_new_tokens=4, rl__reference_update_steps=3, model__dtype="bfloat16"),
+  dict(algorithm="spin", rl__group_size=2, rl__max_new_tokens=4, rl__reference_update_steps=3, lora__rank=4),
+], ids=["dpo_bf16_reference", "lora_scanned", "ppo_critic", "spin_bf16_reference", "spin_lora"])
 def test_abstract_run_has_the_real_runs_shapes_dtypes_and_shardings(stage, overrides):
   cfg = stage(**overrides, mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
   real = build_run(cfg)

@@ -30,6 +30,9 @@ class Scored(NamedTuple):
   mask: jax.Array  # [R, N] completion tokens that train (float32)
   group_ids: jax.Array  # [R] the prompt each row answers
   num_groups: int
+  # The batch's own rows for algorithms that train on a dataset (`Algorithm.data_format` not "prompt"): the
+  # demonstration [B, T] or pair [B, 2, T] rows of each prompt (`batching.collate_online`), else None.
+  data: dict | None = None
 
 
 class TokenUnits(NamedTuple):
@@ -57,6 +60,12 @@ class Algorithm:
   """
 
   loss: str
+  # The data.format it trains on: "prompt" (prompts only, every response sampled in the step), or "sft" /
+  # "preference": the dataset's demonstrations / pairs ride in the step's batch beside their prompts.
+  data_format: str = "prompt"
+  # Whether the step scores its samples (rule rewards, rl.reward_model): algorithms that learn from the data's
+  # responses draw samples for another purpose (SPIN's rejected answers, PMLE's KL term) and need no rewards.
+  scores_rollout: bool = True
   critic: bool = False  # trains a value model beside the policy: trainable = {"policy", "value"}
   # Log-probs (old, reference, current) under the distribution sampled from (the kept top-k / top-p set):
   # what importance ratios need. Algorithms that fit the model's own distribution (DPO, SFT) leave it off.
@@ -67,9 +76,9 @@ class Algorithm:
   normalizes_advantages: bool = False  # honours rl.normalize_advantages
 
   def uses_reference(self, rl, loss_params: dict) -> bool:
-    """Whether the step runs the frozen reference (a KL term as a loss: rl.kl_loss_coef)."""
-    del loss_params
-    return rl.kl_loss_coef > 0
+    """Whether the step runs the frozen reference: a KL term as a loss (rl.kl_loss_coef), or a loss that reads
+    it (its registration: DPO always, the GRPO family when its beta > 0)."""
+    return rl.kl_loss_coef > 0 or losses.spec(self.loss).uses_reference(loss_params)
 
   def needs_old_pass(self, rl) -> bool:
     """Whether `units` or the loss read old-policy log-probs that differ from the update's own (detached):
@@ -87,10 +96,17 @@ class Algorithm:
     if rl.normalize_advantages and not self.normalizes_advantages:
       raise ValueError("rl.normalize_advantages applies to rloo (TRL's RLOO normalisation); this algorithm "
                        "normalises its advantages its own way")
+    if rl.reference_update_steps and not self.uses_reference(rl, loss_params):
+      raise ValueError(f"rl.reference_update_steps={rl.reference_update_steps} updates a reference this run does "
+                       "not use (its loss and rl.kl_* read none)")
     units = prompts * self.units_per_prompt(rl)
     if units % rl.minibatches:
       raise ValueError(f"rl.minibatches={rl.minibatches} does not divide the {units} update units of a step "
                        f"({prompts} prompts x {self.units_per_prompt(rl)})")
+
+  def check_data(self, rl, examples) -> None:
+    """ValueError (one line) when the training `examples` (encoded) lack what the algorithm reads."""
+    del rl, examples
 
   def units_per_prompt(self, rl) -> int:
     """Update units each prompt gives (rows of its group by default)."""

@@ -2,12 +2,11 @@
 
 GRPO (DeepSeekMath), Dr. GRPO (no std scaling, constant normaliser), DAPO (clip-higher, token mean; dynamic
 sampling is rl.oversample, overlong shaping rl.overlong_buffer), GSPO (sequence ratio) and CISPO (clipped IS
-weight) share the estimator and differ in their registered loss.
+weight), LUSPO (length-weighted GSPO), SAPO (soft gate) and VESPO (variational sequence weight) share the
+estimator and differ in their registered loss.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from jaxalign import losses
 from jaxalign.algorithms.online.base import PolicyGradient
@@ -19,15 +18,9 @@ class GroupRelative(PolicyGradient):
   def __init__(self, loss: str, scale: str = "group"):
     self.loss, self.scale = loss, scale
 
-  def uses_reference(self, rl, loss_params: dict) -> bool:
-    return super().uses_reference(rl, loss_params) or loss_beta(self.loss, loss_params) > 0
+  def needs_entropy(self, ctx) -> bool:  # the loss keeps only high-entropy tokens (top_entropy_quantile < 1)
+    return super().needs_entropy(ctx) or ctx.fns.loss_params.get("top_entropy_quantile", 1.0) < 1
 
   def advantages(self, ctx, state, frozen_params, s, key):
     return losses.grpo_advantages(s.scores, s.group_ids, s.num_groups, scale=self.scale), {}
 
-
-def loss_beta(loss: str, loss_params: dict) -> float:
-  """The KL coefficient `beta` of a loss as configured (its default otherwise; 0 for a loss without one)."""
-  default = inspect.signature(losses.get(loss)).parameters.get("beta")
-  beta = loss_params.get("beta", default.default if default is not None else 0.0)
-  return float(beta) if isinstance(beta, (int, float)) else 0.0

@@ -27,9 +27,6 @@ class PairUnits(NamedTuple):
 class OnlineDPO(Algorithm):
   loss = "dpo"
 
-  def uses_reference(self, rl, loss_params: dict) -> bool:
-    return True
-
   def units_per_prompt(self, rl) -> int:
     return 1
 

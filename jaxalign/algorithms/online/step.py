@@ -21,9 +21,10 @@ from jaxalign import losses
 from jaxalign.algorithms.forward import frozen as no_grad
 from jaxalign.algorithms.forward import loss_targets, prompt_sharing, shared_prompt_token_logps, token_logps
 from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
-from jaxalign.algorithms.online.config import RLConfig
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
 from jaxalign.algorithms.step import StepFns, TrainState
+from jaxalign.config import RLConfig
+from jaxalign.data import batching
 from jaxalign.models.decoder import last_token_values
 from jaxalign.rollout.decode_layout import generate_in_decode_layout
 from jaxalign.rollout.sampler import SamplingConfig
@@ -41,6 +42,9 @@ class OnlineFns:
   uses_reference: bool
   critic: object = None  # graphdef of the value model (trainable = {"policy", "value"})
   reward_model: object = None  # graphdef of the reward model (weights in frozen["reward_model"])
+  # rl.reference_update_steps > 0: the shardings of the reference weights held in the train state
+  # (`state.loss_state["reference"]`, those of the frozen reference), kept explicitly when it is replaced.
+  reference_shardings: object = None
   # Rows come in groups of this many consecutive rows with the same prompt: `completion_logps` runs each
   # prompt once (`with_shared_prompts`; 1: every row whole).
   prompt_group: int = 1
@@ -58,14 +62,27 @@ class OnlineFns:
       values = unpack(model(packed["input_ids"], segment_ids=packed["segment_ids"]), packing)
     return values[:, -self.rl.max_new_tokens - 1:-1]
 
+  def reference(self, state: TrainState, frozen_params):
+    """The reference model, or None when the run uses none: the policy as it was at the last iteration
+    boundary (rl.reference_update_steps; its weights in the train state), else the frozen one."""
+    if not self.uses_reference:
+      return None
+    if "reference" in state.loss_state:
+      return self.fns.policy(state.loss_state["reference"], frozen_params)
+    return self.fns.reference(frozen_params)
+
   def scores(self, frozen_params, uid, rollout, rows):
     """Rule rewards (host callback) plus the reward model read at each row's last real token."""
     scores, seconds = self.reward(uid, rollout.tokens, rollout.mask)
     if self.reward_model is not None:
-      model = nnx.merge(self.reward_model, frozen_params["reward_model"])
-      values = model(rows["input_ids"], segment_ids=rows["segment_ids"])
-      scores = scores + self.rl.reward_model_weight * last_token_values(values, rows["segment_ids"] != 0)
+      scores = scores + self.rl.reward_model_weight * self.model_scores(frozen_params, rows)
     return scores, seconds
+
+  def model_scores(self, frozen_params, rows) -> jax.Array:
+    """The reward model's score [R] of rows [R, T] (left or right padded), read at each row's last real token."""
+    model = nnx.merge(self.reward_model, frozen_params["reward_model"])
+    values = model(rows["input_ids"], segment_ids=rows["segment_ids"])
+    return last_token_values(values, rows["segment_ids"] != 0)
 
   def completion_mask(self, rows) -> jax.Array:
     """The completion tokens [R, N] of training rows (float32), as `completion_logps` returns them."""
@@ -201,18 +218,18 @@ def _rollout_metrics(rollout, mask) -> dict:
           "completions/trained_tokens": jnp.sum(mask)}
 
 
-def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores, group_ids, keys):
+def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores, group_ids, keys, data=None):
   """The training passes of a scored rollout: old-policy and reference log-probs, the algorithm's update
   units, and the update. -> (trainable, opt_state, metrics).
 
   rollout [R rows]; uid, scores, group_ids [R]: each row's example, reward and prompt (rows of a prompt are
-  consecutive); keys: (units key, update key)."""
+  consecutive); keys: (units key, update key); data: the batch's own rows (`split_data`), or None."""
   rl, algorithm = ctx.rl, ctx.algorithm
   policy = ctx.policy(state.trainable, frozen_params)
   scores, metrics = shaped_scores(rl, scores, rollout)
   rows = rollout_rows(rollout)
   floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
-  reference = ctx.fns.reference(frozen_params) if ctx.uses_reference else None
+  reference = ctx.reference(state, frozen_params)
 
   old_pass = algorithm.needs_old_pass(rl)
 
@@ -233,17 +250,43 @@ def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores
     if reference is not None:  # the sampled tokens' k1 to the reference (a loss's own "kl" is its estimate)
       metrics["rollout/kl_k1"] = jnp.sum((old - ref) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-  scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, scores.shape[0] // rl.group_size)
+  scored = Scored(rollout, rows, floor, uid, scores, old, ref, mask, group_ids, scores.shape[0] // rl.group_size,
+                  data)
   units, unit_metrics = algorithm.units(ctx, state, frozen_params, scored, keys[0])
   trainable, opt_state, update_metrics = _update(ctx, state, frozen_params, units, keys[1])
   return trainable, opt_state, {**metrics, **unit_metrics, **update_metrics}
 
 
+def split_data(batch: dict) -> tuple[dict, dict | None]:
+  """(prompts {prompt_ids, prompt_mask [B, P], uid [B]}, the data's own rows with their prefix dropped, or None)
+  of an online batch (`batching.with_prompts`)."""
+  prefix = batching.DATA_PREFIX
+  data = {k.removeprefix(prefix): v for k, v in batch.items() if k.startswith(prefix)}
+  return {k: v for k, v in batch.items() if not k.startswith(prefix)}, data or None
+
+
+def next_reference(ctx: OnlineFns, state: TrainState, trainable) -> dict:
+  """The loss state after this step: with rl.reference_update_steps = K, the reference becomes the updated policy
+  at the end of every K-th step (steps tK+1 .. (t+1)K train against the policy after step tK: SPIN's pi_t), cast
+  to the reference's dtypes and constrained to its shardings."""
+  k = ctx.rl.reference_update_steps
+  if not k:
+    return state.loss_state
+  boundary = (state.step + 1) % k == 0
+  reference = jax.tree.map(lambda r, p: jnp.where(boundary, p.astype(r.dtype), r), state.loss_state["reference"],
+                           ctx.algorithm.policy_params(trainable))
+  if ctx.reference_shardings is not None:
+    reference = jax.lax.with_sharding_constraint(reference, ctx.reference_shardings)
+  return {**state.loss_state, "reference": reference}
+
+
 def make_rl_step(ctx: OnlineFns):
-  """step(state, prompts {prompt_ids, prompt_mask [B, P], uid [B]}, frozen) -> (state, metrics)."""
+  """step(state, batch, frozen) -> (state, metrics). batch: the prompts {prompt_ids, prompt_mask [B, P], uid [B]}
+  and, for an algorithm that trains on a dataset, its rows (`split_data`)."""
   rl = ctx.rl
 
-  def step(state: TrainState, prompts: dict, frozen_params: dict):
+  def step(state: TrainState, batch: dict, frozen_params: dict):
+    prompts, data = split_data(batch)
     rng, gen_key, unit_key, update_key = jax.random.split(state.rng, 4)
     policy = ctx.policy(state.trainable, frozen_params)
     num_prompts = prompts["prompt_ids"].shape[0]
@@ -251,25 +294,34 @@ def make_rl_step(ctx: OnlineFns):
     tiled = jax.tree.map(lambda x: jnp.tile(x, (rl.oversample,) + (1,) * (x.ndim - 1)), prompts)
     rollout = ctx.generate(policy, tiled, gen_key, rl.group_size)
     uid = jnp.repeat(tiled["uid"], rl.group_size)
-    scores, host_seconds = ctx.scores(frozen_params, uid, rollout, rollout_rows(rollout))
-    metrics = {"reward/host_seconds": host_seconds}
     group_ids = jnp.repeat(jnp.arange(groups), rl.group_size)
+    metrics = {}
+    if ctx.algorithm.scores_rollout:
+      scores, metrics["reward/host_seconds"] = ctx.scores(frozen_params, uid, rollout, rollout_rows(rollout))
+    else:  # the samples train without rewards (SPIN, PMLE, distillation: `online.offline_data`)
+      scores = jnp.zeros(uid.shape, jnp.float32)
     if rl.oversample > 1:  # on the task rewards: groups that differ only in length carry no signal
       (rollout, uid), scores, kept = _select_groups((rollout, uid), scores, group_ids, groups, num_prompts,
                                                     rl.group_size)
       group_ids, metrics["dynamic_sampling/signal_fraction"] = group_ids[:scores.shape[0]], kept
-    metrics.update(losses.group_metrics(scores, group_ids, num_prompts))
+    if ctx.algorithm.scores_rollout:
+      metrics.update(losses.group_metrics(scores, group_ids, num_prompts))
     trainable, opt_state, learn_metrics = learn(ctx, state, frozen_params, rollout, uid, scores, group_ids,
-                                                (unit_key, update_key))
-    return TrainState(trainable, opt_state, state.step + 1, rng), {**metrics, **learn_metrics}
+                                                (unit_key, update_key), data)
+    return state._replace(trainable=trainable, opt_state=opt_state, step=state.step + 1, rng=rng,
+                          loss_state=next_reference(ctx, state, trainable)), {**metrics, **learn_metrics}
 
   return step
 
 
 def make_rl_eval(ctx: OnlineFns):
-  """eval(state, prompts, frozen) -> mean greedy reward on held-out prompts (and length)."""
+  """eval(state, batch, frozen) -> mean greedy reward on held-out prompts (and length), or for an algorithm that
+  trains on a dataset its held-out metrics (`evaluate` of `online.offline_data`)."""
 
-  def evaluate(state: TrainState, prompts: dict, frozen_params: dict):
+  def evaluate(state: TrainState, batch: dict, frozen_params: dict):
+    prompts, data = split_data(batch)
+    if data is not None:
+      return ctx.algorithm.evaluate(ctx, ctx.policy(state.trainable, frozen_params), data)
     greedy = ctx.generate(ctx.policy(state.trainable, frozen_params), prompts, jax.random.PRNGKey(0), 1,
                           dataclasses.replace(ctx.sampling, temperature=0.0))
     scores, _ = ctx.scores(frozen_params, prompts["uid"], greedy, rollout_rows(greedy))
