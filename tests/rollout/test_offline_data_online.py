@@ -164,7 +164,7 @@ def test_configurations_they_cannot_honour_are_one_line_errors(tmp_path):
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("recipe", ["spin", "pmle", "distillation"])
+@pytest.mark.parametrize("recipe", ["spin", "pmle", "distillation", "rkl"])
 def test_recipes_are_valid_runs(recipe):
   """Each recipe's stages pass the checks a run makes before building anything (`--plan` compiles them:
   `python -m jaxalign.train --config jaxalign/recipes/<recipe>.yaml --plan --devices 1`)."""
