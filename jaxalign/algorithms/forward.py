@@ -129,6 +129,18 @@ def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.A
   return s, jnp.maximum(n, 1.0)
 
 
+def example_and_prompt_logps(model, batch: dict, **kwargs) -> tuple[jax.Array, ...]:
+  """`example_logps` (S, n [E...]) and the summed log-probs and counts of each sequence's prompt tokens (all but
+  its first: S_prompt, n_prompt [E...]), from one pass over whole rows (no shared prompts)."""
+  view = rows(batch)
+  every_target = {**view, "loss_mask": (view["segment_ids"] != 0).astype(view["loss_mask"].dtype)}
+  logps, every = token_logps(model, every_target, **kwargs)
+  response = loss_targets(view)[1]
+  s, n = sequence_sums(logps, response, batch)
+  s_prompt, n_prompt = sequence_sums(logps, every - response, batch)
+  return s, jnp.maximum(n, 1.0), s_prompt, n_prompt
+
+
 def rows(batch: dict, prefix: str = "") -> dict:
   """The [R, T] row view of a batch whose arrays may carry a response axis ([B, C, T] -> [B*C, T])."""
   keys = ("input_ids", "loss_mask", "segment_ids")

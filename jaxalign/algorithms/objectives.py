@@ -17,6 +17,7 @@ statistics and step counts are the same for either layout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -24,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import losses
-from jaxalign.algorithms.forward import example_logps, frozen, loss_targets, rows, sequence_sums, token_logps
+from jaxalign.algorithms.forward import example_and_prompt_logps, example_logps, frozen, loss_targets, rows
+from jaxalign.algorithms.forward import sequence_sums, token_logps
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -70,13 +72,16 @@ def eval_metrics(stats, counts: dict) -> dict:
   return {}
 
 
-def _response_counts(batch: dict) -> jax.Array:
+def _response_counts(batch: dict, prompt: bool = False) -> jax.Array:
   """Loss tokens per response of a stacked batch [A, ...], shaped like its examples ([A, B] or [A, B, C]); a
-  packed SFT row counts as one response."""
+  packed SFT row counts as one response. prompt: the predicted prompt tokens of each sequence instead."""
   keys = ("input_ids", "loss_mask", "segment_ids", "pack_row", "pack_segment")
 
   def count(micro):
-    mask = loss_targets(rows(micro))[1]
+    view = rows(micro)
+    mask = loss_targets(view)[1]
+    if prompt:
+      mask = loss_targets({**view, "loss_mask": (view["segment_ids"] != 0).astype(mask.dtype)})[1] - mask
     return sequence_sums(mask, mask, micro)[1]
 
   return jax.vmap(count)({k: batch[k] for k in keys if k in batch})
@@ -106,20 +111,28 @@ def _policy_and_reference(policy, reference, batch, prefix="", **op):
   return s, n, s_ref
 
 
-def pair_stats(policy, reference, batch, **op):
-  s, n, s_ref = _policy_and_reference(policy, reference, batch, **op)
+def pair_stats(policy, reference, batch, prompt=False, **op):
+  """PairStats of a batch; prompt: also the chosen prompts' log-probs (ORPO's NLL on prompt and completion)."""
+  if prompt:
+    s, n, s_prompt, n_prompt = example_and_prompt_logps(policy, batch, **op)
+    prompt_fields = {"prompt_chosen": s_prompt.reshape(-1, 2)[:, 0], "n_prompt": n_prompt.reshape(-1, 2)[:, 0]}
+    s_ref = frozen(example_logps, reference, batch, **op)[0] if reference is not None else None
+  else:
+    (s, n, s_ref), prompt_fields = _policy_and_reference(policy, reference, batch, **op), {}
   s, n = s.reshape(-1, 2), n.reshape(-1, 2)
   s_ref = batch["ref_logps"] if s_ref is None and "ref_logps" in batch else s_ref
   ref = (None, None) if s_ref is None else (s_ref.reshape(-1, 2)[:, 0], s_ref.reshape(-1, 2)[:, 1])
   # A reward model's scores of each response (preference distillation's soft labels), from the data or the step
   score = (None, None) if "scores" not in batch else (batch["scores"][..., 0], batch["scores"][..., 1])
   return losses.PairStats(policy_chosen=s[:, 0], policy_rejected=s[:, 1], ref_chosen=ref[0], ref_rejected=ref[1],
-                          n_chosen=n[:, 0], n_rejected=n[:, 1], score_chosen=score[0], score_rejected=score[1])
+                          n_chosen=n[:, 0], n_rejected=n[:, 1], score_chosen=score[0], score_rejected=score[1],
+                          **prompt_fields)
 
 
 def pair_counts(batch):
   tokens = _response_counts(batch)
-  return {"num_pairs": _examples(batch), "num_tokens": jnp.sum(tokens[..., 0])}
+  return {"num_pairs": _examples(batch), "num_tokens": jnp.sum(tokens[..., 0]),
+          "num_prompt_tokens": jnp.sum(_response_counts(batch, prompt=True)[..., 0])}
 
 
 def list_stats(policy, reference, batch, **op):
@@ -211,6 +224,8 @@ def objective_for(algorithm: str, loss_name: str, params: dict | None = None) ->
     raise ValueError(f"loss.name={loss_name!r} is not a{'n' * (kind[0] == 'o')} {kind} loss (it takes "
                      f"{spec.inputs.__name__}); choose one of {', '.join(choices)}")
   stats, counts = _BY_INPUT[spec.inputs]
+  if "prompt_chosen" in spec.reads(params or {}):
+    stats = functools.partial(stats, prompt=True)
   prepass = kto_reference_point if "z0" in spec.step_inputs else None
   return Objective(loss_name, spec.data_format, spec.reward_model, spec.uses_reference(params or {}),
                    stats, counts, prepass, spec.running)

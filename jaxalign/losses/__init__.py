@@ -14,7 +14,7 @@ Calling convention (every registered loss):
   A loss reads only the fields it needs; reference-based losses raise if a needed `ref_*` is None.
 * Hyper-parameters are keyword-only, with OBJECTIVES.md defaults; string options are static.
 * `metrics` is a flat dict of detached scalars, always including "loss".
-* Exact gradient accumulation: every loss takes optional step-level counts (`num_pairs`,
+* Exact gradient accumulation: every loss takes optional step-level counts (`num_pairs`, `num_prompt_tokens`,
   `num_examples`, `num_lists`, `num_tokens`, `num_sequences`). Pass the counts of the whole
   optimiser step and SUM the micro-batch losses. Token-normalised losses also report
   "numerator" / "denominator" (or "nll/numerator" / "nll/denominator") in their metrics.

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jaxalign.losses.dpo import chosen_nll
 from jaxalign.losses.kl import EXP_CLAMP
 from jaxalign.losses.stats import Array, PairStats, as_float, check, finish, mean_over
-from jaxalign.losses.stats import pair_lengths, pair_metrics
+from jaxalign.losses.stats import pair_lengths, pair_metrics, require
 
 logsig = jax.nn.log_sigmoid
 
@@ -106,13 +106,17 @@ def log1mexp(x: Array) -> Array:
 
 
 def orpo_loss(batch: PairStats, *, lam: float = 0.1, max_avg_logp: float = -1e-6,
-              num_pairs: Optional[Array] = None,
-              num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
+              nll_tokens: str = "completion", num_pairs: Optional[Array] = None,
+              num_tokens: Optional[Array] = None,
+              num_prompt_tokens: Optional[Array] = None) -> tuple[Array, dict]:
   """ORPO, Hong et al. 2024 (arXiv:2403.07691) Eq. (6)-(7) (OBJECTIVES.md §9.14).
 
   log odds(y) = A(y) - log(1 - exp(A(y))), A = S / n;
   L = NLL(y_w) + lam * mean_b -logsig(log odds(y_w) - log odds(y_l)), NLL = token mean over chosen.
   A is clamped at `max_avg_logp` (< 0) so that log(1 - exp(A)) stays finite. TRL calls lam "beta".
+  nll_tokens: "completion" (the paper's Eq. (6): the chosen response's tokens) or "prompt_and_completion"
+  (TRL's ORPOTrainer and the authors' code: prompt tokens too, -(S_w + S_prompt) / (n_w + n_prompt) over the
+  step; needs `prompt_chosen` / `n_prompt`, and `num_prompt_tokens` with `num_tokens` to accumulate exactly).
 
   Returns:
     (loss [], metrics: nll_loss, or_loss, log_odds_ratio (mean logsig of the log-odds difference),
@@ -123,7 +127,15 @@ def orpo_loss(batch: PairStats, *, lam: float = 0.1, max_avg_logp: float = -1e-6
   a_l = jnp.minimum(as_float(batch.policy_rejected) / n_l, max_avg_logp)
   log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))  # [B]
   or_loss = mean_over(-logsig(log_odds), num_pairs)
-  nll, num, den = chosen_nll(batch, "token_mean", "orpo", num_tokens=num_tokens)
+  check(nll_tokens in ("completion", "prompt_and_completion"),
+        f"orpo: nll_tokens={nll_tokens!r}; choose completion or prompt_and_completion")
+  if nll_tokens == "completion":
+    nll, num, den = chosen_nll(batch, "token_mean", "orpo", num_tokens=num_tokens)
+  else:
+    num = -jnp.sum(as_float(batch.policy_chosen) + require(batch.prompt_chosen, "prompt_chosen", "orpo"))
+    den = (jnp.sum(require(batch.n_chosen, "n_chosen", "orpo") + require(batch.n_prompt, "n_prompt", "orpo"))
+           if num_tokens is None else num_tokens + num_prompt_tokens)
+    nll = num / as_float(den)
   metrics = pair_metrics(batch, lam * a_w, lam * a_l)
   metrics.update({"nll_loss": nll, "or_loss": or_loss, "log_odds_ratio": jnp.mean(logsig(log_odds)),
                   "log_odds_chosen": jnp.mean(log_odds), "nll/numerator": num,

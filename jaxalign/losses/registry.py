@@ -23,7 +23,7 @@ from jaxalign.losses.stats import UnpairedStats
 LossFn = Callable[..., tuple]
 
 # Step-level counts a loss may take (keyword arguments the trainer fills in, never `loss.params`).
-STEP_COUNTS = ("num_tokens", "num_sequences", "num_pairs", "num_examples", "num_lists")
+STEP_COUNTS = ("num_tokens", "num_sequences", "num_pairs", "num_examples", "num_lists", "num_prompt_tokens")
 # Step-level statistics a trainer computes with a forward pass over the whole step before the gradient pass.
 STEP_STATISTICS = ("z0",)  # KTO's reference point
 # How a loss uses a frozen reference model:
@@ -65,6 +65,9 @@ class LossSpec:
   # Running means kept in the train state across steps: {loss argument: the metric whose mean over the steps so
   # far it receives} (BCO's delta, the running mean of its implicit rewards).
   running: dict[str, str] = dataclasses.field(default_factory=dict)
+  # The optional input fields it reads as configured: reads(params) -> field names (ORPO's prompt NLL reads
+  # `prompt_chosen`), so the trainer computes them only then.
+  reads: Callable[[dict], tuple[str, ...]] = lambda params: ()
 
   @property
   def reward_model(self) -> bool:
@@ -109,7 +112,7 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 def register(name: str, fn: LossFn, inputs: type, *, reference: str, data_format: str | None = None,
              exact_accumulation: bool = True, running: dict[str, str] | None = None,
-             overwrite: bool = False) -> LossFn:
+             reads: Callable[[dict], tuple[str, ...]] | None = None, overwrite: bool = False) -> LossFn:
   """Registers `fn` under `name` (also from a notebook); returns `fn`.
 
   Args:
@@ -120,6 +123,7 @@ def register(name: str, fn: LossFn, inputs: type, *, reference: str, data_format
       quantiles); trainers then refuse gradient accumulation with it.
     running: {loss argument: metric}: the trainer passes the argument the running mean of the metric over the
       steps before this one, kept in the train state (so it survives a resume).
+    reads: params -> the optional input fields the loss reads when so configured (computed only then).
   """
   if name in _REGISTRY and not overwrite:
     raise ValueError(f"loss '{name}' is already registered; pass overwrite=True to replace it")
@@ -135,7 +139,8 @@ def register(name: str, fn: LossFn, inputs: type, *, reference: str, data_format
     raise ValueError(f"loss '{name}': running={running} names arguments it does not take: {missing}")
   _REGISTRY[name] = LossSpec(name, fn, inputs, reference, data_format or _FORMATS[inputs], exact_accumulation,
                              tuple(c for c in STEP_COUNTS if c in accepted),
-                             tuple(c for c in STEP_STATISTICS if c in accepted), params, dict(running or {}))
+                             tuple(c for c in STEP_STATISTICS if c in accepted), params, dict(running or {}),
+                             reads or (lambda params: ()))
   return fn
 
 
@@ -158,7 +163,7 @@ def _builtin() -> None:
       ("rm_plackett_luce", reward.plackett_luce_ranking_loss, RewardList),
       # reference-free direct objectives
       ("cpo", reference_free.cpo_loss, PairStats), ("simpo", reference_free.simpo_loss, PairStats),
-      ("orpo", reference_free.orpo_loss, PairStats), ("slic", margin.slic_loss, PairStats),
+      ("slic", margin.slic_loss, PairStats),
       ("pmle", distribution.pmle_loss, PairStats), ("alphapo", reference_free.alphapo_loss, PairStats),
       ("preference_distillation", distribution.preference_distillation_loss, PairStats)]:
     register(name, fn, inputs, reference="none")
@@ -175,6 +180,9 @@ def _builtin() -> None:
       ("apo_zero_unpaired", kto.apo_zero_unpaired_loss, UnpairedStats),
       ("dpo_pl", listwise.dpo_pl_loss, ListStats), ("lipo_lambda", listwise.lipo_lambda_loss, ListStats)]:
     register(name, fn, inputs, reference="required")
+  # ORPO's NLL on prompt and completion (TRL's convention) reads the prompt's log-probs
+  register("orpo", reference_free.orpo_loss, PairStats, reference="none", reads=lambda params: (
+      ("prompt_chosen",) if params.get("nll_tokens") == "prompt_and_completion" else ()))
   # AOT sorts the batch's log-ratios: its micro-batch losses do not sum to the batch's
   register("aot", dpo_variants.aot_loss, PairStats, reference="required", exact_accumulation=False)
   register("aot_unpaired", dpo_variants.aot_unpaired_loss, PairStats, reference="required", exact_accumulation=False)

@@ -32,6 +32,8 @@ class PairStats(NamedTuple):
   n_rejected: Optional[Array] = None    # n(y_l)                                    [B]
   score_chosen: Optional[Array] = None  # external score R_hat(x, y_w) (distillation) [B]
   score_rejected: Optional[Array] = None  # external score R_hat(x, y_l)             [B]
+  prompt_chosen: Optional[Array] = None  # summed log-probs of the prompt's own tokens (ORPO's NLL option) [B]
+  n_prompt: Optional[Array] = None       # the prompt's predicted tokens (all but its first)               [B]
 
 
 class UnpairedStats(NamedTuple):

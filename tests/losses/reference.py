@@ -413,6 +413,12 @@ def orpo(P, lam=0.1):
   return chosen_nll(P, "token_mean") + lam * _pairs(P, one)
 
 
+def orpo_prompt_nll(P, lam=0.1):
+  """ORPO with TRL's NLL on prompt and completion: -sum (S_w + S_prompt) / sum (n_w + n_prompt)."""
+  nll = -(P["pc"].sum() + P["pp"].sum()) / (P["nc"].sum() + P["np"].sum())
+  return orpo(P, lam) - chosen_nll(P, "token_mean") + nll
+
+
 def pmle(P, gamma=0.01):
   return _pairs(P, lambda b: -logsig(gamma * (P["pc"][b] - P["pr"][b])))
 

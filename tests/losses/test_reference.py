@@ -412,3 +412,14 @@ def test_packing(seed):
   x = rng.normal(0, 1, (3, 11))
   np.testing.assert_allclose(np.asarray(L.segment_sums(x, mask, seg[:, 1:], 3)),
                              ref.segment_sums(x, np.asarray(mask), seg[:, 1:], 3), **VAL)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_orpo_nll_on_prompt_and_completion(seed):
+  data = {**pair_data(seed), "pp": -np.random.default_rng(seed).uniform(5, 40, 5),
+          "np": np.random.default_rng(seed + 1).integers(3, 30, 5).astype(float)}
+  batch = lambda a: pair_batch(a)._replace(prompt_chosen=a["pp"], n_prompt=a["np"])
+  check(lambda a: L.orpo_loss(batch(a), lam=0.1, nll_tokens="prompt_and_completion")[0],
+        lambda d, _: ref.orpo_prompt_nll(d, lam=0.1), data, wrt=("pc", "pr", "pp"))
+  with pytest.raises(ValueError, match="prompt_chosen"):
+    L.orpo_loss(pair_batch({k: jnp.asarray(v) for k, v in data.items()}), nll_tokens="prompt_and_completion")

@@ -20,11 +20,13 @@ from jaxalign.algorithms.step import make_eval_step, make_train_step
 from jaxalign.trainer import build_run, put_batch, stack_micro_batches
 
 MICRO = 4  # micro-batches per step
+PARAMS = {"orpo": {"nll_tokens": "prompt_and_completion"}}  # TRL's ORPO NLL: prompt tokens counted over the step
 # One loss per family: (algorithm, loss, data.format, micro-batch size).
 FAMILIES = [
   ("sft", "sft", "sft", 2),  # token-normalised NLL
   ("preference", "dpo", "preference", 2),  # pairwise, mean over pairs, with a reference
   ("preference", "cpo", "preference", 2),  # pairwise + token-mean NLL of the chosen
+  ("preference", "orpo", "preference", 2),  # + the NLL on prompt and completion (loss.params below)
   ("preference", "kto", "unpaired", 2),  # unpaired, reference point z0 over the step
   ("preference", "dpo_pl", "ranked", 2),  # listwise (Plackett-Luce over ranked responses)
   ("reward", "bradley_terry", "preference", 2),  # reward model on pairs
@@ -68,8 +70,8 @@ def as_one_micro_batch(stacked: dict) -> dict:
 
 @pytest.mark.parametrize("algorithm,loss_name,fmt,size", FAMILIES, ids=[f[1] for f in FAMILIES])
 def test_accumulated_loss_and_gradient_equal_one_large_batch(stage, algorithm, loss_name, fmt, size):
-  cfg = stage(algorithm=algorithm, loss__name=loss_name, data__format=fmt, data__batch_size=size,
-              optim__grad_accum=MICRO, data__shuffle=False, mesh__fsdp=1)
+  cfg = stage(algorithm=algorithm, loss__name=loss_name, loss__params=PARAMS.get(loss_name, {}), data__format=fmt,
+              data__batch_size=size, optim__grad_accum=MICRO, data__shuffle=False, mesh__fsdp=1)
   run = build_run(cfg)
   stacked = stack_micro_batches([next(run.train_data) for _ in range(MICRO)])
   assert "pack_row" not in stacked  # padded rows: the reshape below keeps every example whole

@@ -175,3 +175,30 @@ def test_eval_over_several_batches_is_the_eval_of_their_union(stage, overrides, 
   per_batch = [float(eval_fn(run.state, put_batch(b, run.mesh, run.cfg.mesh.rules, 0), run.frozen)[keys[0]])
                for b in batches]
   assert abs(np.mean(per_batch) - float(whole[keys[0]])) > 1e-5  # the old mean of means is not the same
+
+
+def test_orpo_nll_on_prompt_and_completion_reads_the_prompt_tokens(stage):
+  """TRL's ORPO NLL: the chosen prompts' log-probs come with the pair statistics, equal to a float64 sum over
+  the model's logits at the prompt tokens (each predicted from the one before; the first is not)."""
+  from flax import nnx
+
+  run = build_run(stage(algorithm="preference", loss__name="orpo", data__format="preference",
+                        loss__params={"nll_tokens": "prompt_and_completion"}))
+  batch = run.eval_data.epoch_batches()[0]
+  stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0))
+  policy = nnx.merge(run.fns.graphdef, run.state.trainable)
+  ids, seg, loss_mask = (batch[k][:, 0] for k in ("input_ids", "segment_ids", "loss_mask"))  # the chosen rows
+  logits = np.asarray(policy(ids, segment_ids=seg), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  want, count = np.zeros(len(ids)), np.zeros(len(ids))
+  for b in range(len(ids)):
+    for t in range(1, ids.shape[1]):
+      if seg[b, t] != 0 and seg[b, t - 1] == seg[b, t] and loss_mask[b, t] == 0:
+        want[b] += logp[b, t - 1, ids[b, t]]
+        count[b] += 1
+  assert count.min() >= 3
+  np.testing.assert_allclose(np.asarray(stats.n_prompt), count)
+  np.testing.assert_allclose(np.asarray(stats.prompt_chosen), want, rtol=1e-5)
+  default = build_run(stage(algorithm="preference", loss__name="orpo", data__format="preference"))
+  assert default.fns.objective.stats is not run.fns.objective.stats  # computed only when the loss reads them
