@@ -58,7 +58,8 @@ def help_text() -> str:
 
   return "\n".join([
     __doc__.strip(), "", STAGES_HELP, "", "algorithms: " + ", ".join(algorithm_names()),
-    "losses (loss.name [input; reference]: loss.params with defaults):", *losses.help_lines(), "",
+    "losses (loss.name [input; reference]: loss.params with defaults; or a weighted sum of losses of one input, "
+    "sharing loss.params, e.g. loss.name='0.8*dpo + 0.2*bco + chosen_nll'):", *losses.help_lines(), "",
     "config keys (with defaults):",
     *_keys(TrainConfig)])
 

@@ -136,7 +136,7 @@ class StepFns:
 def is_share(key: str) -> bool:
   """Whether a loss metric is a micro-batch's share of a step-level quantity (divided by the step's counts, so
   the shares add up): the loss, its named parts ("*_loss") and the numerators of token-normalised ones."""
-  return key in ("loss", "numerator", "nll_per_token") or key.endswith(("_loss", "/numerator"))
+  return key in ("loss", "numerator", "nll_per_token") or key.endswith(("_loss", "/loss", "/numerator"))
 
 
 def combine_metrics(per_micro: dict) -> dict:

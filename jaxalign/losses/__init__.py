@@ -29,7 +29,8 @@ from jaxalign.losses.advantages import reinforce_pp_advantages
 from jaxalign.losses.advantages import process_advantages, remax_advantages, rloo_advantages, whiten
 from jaxalign.losses.distribution import pmle_loss, preference_distillation_loss, rkl_loss
 from jaxalign.losses.distribution import rkl_token_rewards
-from jaxalign.losses.dpo import cdpo_loss, dpo_loss, dpop_loss, rdpo_loss, robust_dpo_loss, rpo_loss
+from jaxalign.losses.dpo import cdpo_loss, chosen_nll_loss, dpo_loss, dpop_loss, rdpo_loss, robust_dpo_loss
+from jaxalign.losses.dpo import rpo_loss
 from jaxalign.losses.dpo_variants import aot_loss, aot_unpaired_loss, apo_down_loss, apo_zero_loss, discopop_loss
 from jaxalign.losses.dpo_variants import exo_pair_loss, sigmoid_norm_loss, sppo_hard_loss
 from jaxalign.losses.fdpo import f_dpo_loss
@@ -59,8 +60,8 @@ from jaxalign.losses.stats import UnpairedStats
 __all__ = [
     "aggregate", "AGGREGATIONS", "all_pairs_ranking_loss", "alphapo_loss", "aot_loss", "aot_unpaired_loss",
     "apo_down_loss", "apo_zero_loss", "apo_zero_unpaired_loss", "available", "bco_loss", "best_worst",
-    "bradley_terry_loss", "cdpo_loss", "cispo_loss", "clipped_surrogate", "clipped_value_loss", "cpo_loss",
-    "dapo_loss", "descending_ranks", "dft_loss", "discopop_loss", "divide", "dpo_loss", "dpo_pl_loss",
+    "bradley_terry_loss", "cdpo_loss", "chosen_nll_loss", "cispo_loss", "clipped_surrogate", "clipped_value_loss",
+    "cpo_loss", "dapo_loss", "descending_ranks", "dft_loss", "discopop_loss", "divide", "dpo_loss", "dpo_pl_loss",
     "dpop_loss", "dr_grpo_loss", "exo_pair_loss", "f_dpo_loss", "gae", "get", "group_metrics", "group_stats",
     "groups_with_signal", "grpo_advantages", "grpo_loss", "gspo_loss", "gspo_token_loss", "help_lines",
     "hinge_loss", "hyperparameters", "input_type", "ipo_loss", "k1", "k2", "k3", "kl_estimate",

@@ -129,6 +129,15 @@ def chosen_nll(batch: PairStats, reduction: str, loss: str, *,
   return num / den, num, den
 
 
+def chosen_nll_loss(batch: PairStats, *, nll_reduction: str = "token_mean", num_pairs: Optional[Array] = None,
+                    num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
+  """The NLL of the chosen responses alone (TRL DPOTrainer loss_type="sft"), the SFT term of loss mixtures such
+  as MPO (`0.8*dpo + 0.2*bco + chosen_nll`); token mean by default, as TRL."""
+  nll, num, den = chosen_nll(batch, nll_reduction, "chosen_nll", num_pairs=num_pairs, num_tokens=num_tokens)
+  return finish(nll, {"nll/numerator": num, "nll/denominator": den,
+                      "logps/chosen": jnp.mean(as_float(batch.policy_chosen))})
+
+
 def rpo_loss(batch: PairStats, *, beta: float = 0.1, alpha: float = 1.0,
              nll_reduction: str = "sequence_mean", num_pairs: Optional[Array] = None,
              num_tokens: Optional[Array] = None) -> tuple[Array, dict]:

@@ -10,12 +10,14 @@ A research variant is one function plus one `register` call (from here or from u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 import typing
 from typing import Any, Callable
 
-from jaxalign.losses import distribution, dpo, dpo_variants, fdpo, grpo, kto, listwise, margin, pointwise, ppo
+from jaxalign.losses import distribution, dpo, dpo_variants, fdpo, grpo, kto, listwise, margin, mixture, pointwise
+from jaxalign.losses import ppo
 from jaxalign.losses import reference_free, reinforce, reward, sft, soft_gates
 from jaxalign.losses.stats import ListStats, PairStats, RewardList, RewardPair, TokenBatch
 from jaxalign.losses.stats import UnpairedStats
@@ -163,7 +165,7 @@ def _builtin() -> None:
       ("rm_plackett_luce", reward.plackett_luce_ranking_loss, RewardList),
       # reference-free direct objectives
       ("cpo", reference_free.cpo_loss, PairStats), ("simpo", reference_free.simpo_loss, PairStats),
-      ("slic", margin.slic_loss, PairStats),
+      ("slic", margin.slic_loss, PairStats), ("chosen_nll", dpo.chosen_nll_loss, PairStats),
       ("pmle", distribution.pmle_loss, PairStats), ("alphapo", reference_free.alphapo_loss, PairStats),
       ("preference_distillation", distribution.preference_distillation_loss, PairStats)]:
     register(name, fn, inputs, reference="none")
@@ -201,10 +203,35 @@ def available() -> list[str]:
 
 
 def spec(name: str) -> LossSpec:
-  """The registration of loss `name`; a one-line KeyError listing the names when there is none."""
+  """The registration of loss `name` (a registered name, or a mixture formula such as "0.8*dpo + 0.2*bco +
+  chosen_nll": `losses.mixture`); a one-line KeyError listing the names when there is none."""
+  if mixture.is_mixture(name):
+    return _mixture_spec(name)
   if name not in _REGISTRY:
     raise KeyError(f"unknown loss '{name}'; available: {', '.join(available())}")
   return _REGISTRY[name]
+
+
+@functools.lru_cache(maxsize=64)
+def _mixture_spec(name: str) -> LossSpec:
+  """A weighted sum of registered losses, its registration derived from theirs (`losses.mixture`)."""
+  terms = [(weight, component, spec(component)) for weight, component in mixture.parse(name)]
+  specs = [s for _, _, s in terms]
+  if len({s.inputs for s in specs}) > 1 or len({s.data_format for s in specs}) > 1:
+    raise KeyError(f"loss '{name}': its components take different inputs "
+                   f"({', '.join(f'{s.name}: {s.inputs.__name__}' for s in specs)})")
+  uses = {s.reference for s in specs}
+  reference = "required" if "required" in uses else "beta" if "beta" in uses else "none"
+  params = {}
+  for s in specs:
+    for key, param in s.params.items():
+      params.setdefault(key, param)
+  fn = mixture.mixture_fn([(w, c, s.fn) for w, c, s in terms])
+  return LossSpec(name, fn, specs[0].inputs, reference, specs[0].data_format, all(s.exact_accumulation for s in specs),
+                  tuple(c for c in STEP_COUNTS if any(c in s.counts for s in specs)),
+                  tuple(c for c in STEP_STATISTICS if any(c in s.step_inputs for s in specs)), params,
+                  {arg: f"{s.name}/{metric}" for s in specs for arg, metric in s.running.items()},
+                  lambda p: tuple(f for s in specs for f in s.reads(p)))
 
 
 def get(name: str) -> LossFn:

@@ -19,7 +19,10 @@ from jaxalign.losses.stats import zero_masked
 sg = jax.lax.stop_gradient
 
 
-def reinforce_loss(batch: TokenBatch, *, clip_eps: Optional[float] = None,
+EMPTY_COMPLETIONS = ("no_loss", "constant")
+
+
+def reinforce_loss(batch: TokenBatch, *, clip_eps: Optional[float] = None, empty_completions: str = "no_loss",
                    num_sequences: Optional[Array] = None) -> tuple[Array, dict]:
   """L = -(1/N) sum_i A_i S_theta(y_i)  (REINFORCE with a detached baseline; §7.1-§7.3).
 
@@ -29,10 +32,16 @@ def reinforce_loss(batch: TokenBatch, *, clip_eps: Optional[float] = None,
   Args:
     batch: TokenBatch with `logps`, `mask`, per-sequence `advantages` [B]; `old_logps` when
       clip_eps is set.
+    empty_completions: a row without loss tokens (an empty or fully masked completion) adds nothing
+      ("no_loss"), or, with clip_eps, its constant -A_i (ratio exp(0 - 0) = 1) as TRL's RLOOTrainer
+      does ("constant"): the same gradient (none from that row), another loss value. Either way it
+      counts in the mean's N and in the sequence-level clip metrics' denominators, as in TRL.
     num_sequences: step-level sequence count for gradient accumulation; default B.
   Returns:
     (loss [], metrics: advantages/mean, logps/mean, clipfrac, ratio/mean).
   """
+  check(empty_completions in EMPTY_COMPLETIONS,
+        f"reinforce: empty_completions={empty_completions!r}; choose one of {EMPTY_COMPLETIONS}")
   batch = zero_masked(batch)
   adv = sg(require(batch.advantages, "advantages", "reinforce"))
   check(adv.ndim == 1, "reinforce needs per-sequence advantages [B]")
@@ -47,13 +56,16 @@ def reinforce_loss(batch: TokenBatch, *, clip_eps: Optional[float] = None,
     per_seq, clipped = clipped_surrogate(ratio, adv, eps_low=clip_eps, eps_high=clip_eps)
     metrics["clipfrac"] = jnp.mean(clipped.astype(ratio.dtype))
     metrics["ratio/mean"] = jnp.mean(ratio)
-  return finish(mean_over(jnp.where(nonempty, per_seq, 0.0), num_sequences), metrics)
+  kept = nonempty if empty_completions == "no_loss" else jnp.ones_like(nonempty)
+  return finish(mean_over(jnp.where(kept, per_seq, 0.0), num_sequences), metrics)
 
 
-def rloo_loss(batch: TokenBatch, *, clip_eps: Optional[float] = 0.2,
+def rloo_loss(batch: TokenBatch, *, clip_eps: Optional[float] = 0.2, empty_completions: str = "no_loss",
               num_sequences: Optional[Array] = None) -> tuple[Array, dict]:
   """RLOO as in TRL: sequence-level PPO clip (eps 0.2) on leave-one-out advantages (§7.2).
 
-  `clip_eps=None` gives the paper's plain REINFORCE form (same as `reinforce_loss`).
+  `clip_eps=None` gives the paper's plain REINFORCE form (same as `reinforce_loss`);
+  `empty_completions="constant"` TRL's loss value on empty completions (see `reinforce_loss`).
   """
-  return reinforce_loss(batch, clip_eps=clip_eps, num_sequences=num_sequences)
+  return reinforce_loss(batch, clip_eps=clip_eps, empty_completions=empty_completions,
+                        num_sequences=num_sequences)

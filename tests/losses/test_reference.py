@@ -423,3 +423,42 @@ def test_orpo_nll_on_prompt_and_completion(seed):
         lambda d, _: ref.orpo_prompt_nll(d, lam=0.1), data, wrt=("pc", "pr", "pp"))
   with pytest.raises(ValueError, match="prompt_chosen"):
     L.orpo_loss(pair_batch({k: jnp.asarray(v) for k, v in data.items()}), nll_tokens="prompt_and_completion")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rloo_empty_completions_conventions(seed):
+  """An empty completion: TRL keeps its constant -A_i (ratio 1) in the loss value ("constant", which the
+  float64 reference does too: it sums no tokens); "no_loss" leaves it out of the numerator, not out of N."""
+  d = token_data(seed)
+  d["mask"] = d["mask"].copy()
+  d["mask"][1] = 0.0  # row 1 has no completion tokens
+  for mode in ("constant", "no_loss"):
+    def expected(x, _, mode=mode):
+      value = ref.reinforce(x["lp"], x["mask"], x["adv"], x["old"], 0.2)
+      return value if mode == "constant" else value + x["adv"][1] / len(x["adv"])  # drop its -A_1 / N
+    check(lambda a, mode=mode: L.rloo_loss(token_batch(a), empty_completions=mode)[0], expected, d, wrt=("lp",))
+  a = {k: jnp.asarray(v) for k, v in d.items()}
+  assert abs(float(L.rloo_loss(token_batch(a), empty_completions="constant")[0]) - float(
+      L.rloo_loss(token_batch(a))[0])) > 1e-6  # the two conventions differ here
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mixture_is_the_weighted_sum_of_its_components(seed):
+  """TRL's loss_type list with loss_weights (MPO: 0.8 sigmoid + 0.2 bco_pair + 1.0 sft), by formula name."""
+  fn = L.get("0.8*dpo + 0.2 * bco + chosen_nll")
+  expected = lambda d, _: (0.8 * ref.dpo(d, beta=0.2) + 0.2 * ref.bco(d, beta=0.2, delta=0.1)
+                           + ref.chosen_nll(d, "token_mean"))
+  check(lambda a: fn(pair_batch(a), beta=0.2, delta=0.1)[0], expected, pair_data(seed), wrt=("pc", "pr"))
+
+
+def test_mixture_registration_is_derived_from_its_components():
+  spec = L.spec("0.8*dpo + 0.2*bco + chosen_nll")
+  assert spec.reference == "required" and spec.inputs is L.PairStats and spec.exact_accumulation
+  assert set(spec.counts) == {"num_pairs", "num_tokens"} and spec.running == {"delta": "bco/bco/reward_mean"}
+  assert L.spec("simpo + chosen_nll").reference == "none" and not L.spec("0.5*aot + dpo").exact_accumulation
+  _, metrics = L.get("dpo + 0.5*chosen_nll")(pair_batch({k: jnp.asarray(v) for k, v in pair_data(11).items()}))
+  assert {"loss", "dpo/loss", "chosen_nll/loss", "rewards/accuracies", "dpo/rewards/accuracies"} <= set(metrics)
+  for bad, message in [("dpo + kto", "different inputs"), ("dpo + dpo", "twice"), ("0.x*dpo + sft", "term"),
+                       ("dpo + nope", "unknown loss 'nope'")]:
+    with pytest.raises(KeyError, match=message):
+      L.spec(bad)

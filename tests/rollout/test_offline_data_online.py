@@ -171,5 +171,9 @@ def test_recipes_are_valid_runs(recipe):
   stages = parse_stages(str(RECIPES / f"{recipe}.yaml"), [])
   check_stages(stages)
   online = stages[-1]
-  assert online.algorithm == {"spin": "spin", "pmle": "pmle", "distillation": "preference_distillation"}[recipe]
-  assert online.init_from == "@previous" and stages[0].algorithm == "sft"
+  assert online.algorithm == {"spin": "spin", "pmle": "pmle", "distillation": "preference_distillation",
+                              "rkl": "rkl"}[recipe]
+  if recipe == "rkl":  # from scratch on the rule reward, as the RL default; the paper's beta and gamma
+    assert online.rl.kl_coef == 0.05 and online.loss.params["gamma"] == 0.01
+  else:
+    assert online.init_from == "@previous" and stages[0].algorithm == "sft"

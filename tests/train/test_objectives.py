@@ -202,3 +202,19 @@ def test_orpo_nll_on_prompt_and_completion_reads_the_prompt_tokens(stage):
   np.testing.assert_allclose(np.asarray(stats.prompt_chosen), want, rtol=1e-5)
   default = build_run(stage(algorithm="preference", loss__name="orpo", data__format="preference"))
   assert default.fns.objective.stats is not run.fns.objective.stats  # computed only when the loss reads them
+
+
+def test_a_loss_mixture_trains_by_its_formula_with_its_running_delta(stage):
+  """MPO's mixture (0.8 DPO + 0.2 BCO + chosen NLL) named by its formula: it trains, and BCO's running delta is
+  kept in the state under the mixture's metric name."""
+  cfg = stage(algorithm="preference", loss__name="0.8*dpo + 0.2*bco + chosen_nll", data__format="preference",
+              optim__lr=1e-2, loss__params={"beta": 0.2})
+  assert_trains(*run_steps(cfg))
+  run = build_run(cfg)
+  assert run.fns.loss_params == {"beta": 0.2} and set(run.state.loss_state) == {"delta"}
+  state, metrics = jax.jit(make_train_step(run.fns))(run.state, put_batch(stack_micro_batches(
+      [next(run.train_data)]), run.mesh, run.cfg.mesh.rules, 1), run.frozen)
+  np.testing.assert_allclose(float(state.loss_state["delta"]["mean"]), float(metrics["bco/bco/reward_mean"]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["loss"]), 0.8 * float(metrics["dpo/loss"]) + 0.2 * float(
+      metrics["bco/loss"]) + float(metrics["chosen_nll/loss"]), rtol=1e-5)
