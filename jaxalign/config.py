@@ -322,6 +322,13 @@ class LossConfig:
 
   name: str = "sft"
   params: dict = dataclasses.field(default_factory=dict)
+  # LD-DPO (Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha): a pair's summed log-probs (policy and reference)
+  # weight the tokens past the shorter response's length by this, in [0, 1] (null: plain sums).
+  ld_alpha: float | None = None
+
+  def __post_init__(self):
+    if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+      raise ValueError(f"loss.ld_alpha={self.ld_alpha} must be in [0, 1] (null: off)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,7 +147,8 @@ def precompute_reference(run: "Run", data: Batches) -> None:
     raise ConfigError("reference.mode=precomputed does not apply to unpaired (KTO) data: its mismatched pairs "
                       "depend on the batch; use reference.mode=model")
   model = nnx.merge(run.fns.graphdef, run.frozen.get("reference", run.frozen.get("base", run.state.trainable)))
-  forward = nnx.jit(lambda m, b: example_logps(m, b, impl=run.cfg.logprob_impl)[0])
+  ld_alpha = run.cfg.loss.ld_alpha
+  forward = nnx.jit(lambda m, b: example_logps(m, b, impl=run.cfg.logprob_impl, ld_alpha=ld_alpha)[0])
   size, examples = data.cfg.batch_size, data.examples
   cached = []
   for start in range(0, len(examples), size):
@@ -207,9 +208,12 @@ def objective_of(cfg: TrainConfig) -> Objective:
     uses_reference = algorithm.uses_reference(cfg.rl, loss_params(algorithm.loss, cfg.loss.params))
     return Objective(algorithm.loss, algorithm.data_format, False, uses_reference, stats=None, step_counts=None)
   try:
-    return objective_for(cfg.algorithm, cfg.loss.name, loss_params(cfg.loss.name, cfg.loss.params))
+    params = loss_params(cfg.loss.name, cfg.loss.params)
+    return objective_for(cfg.algorithm, cfg.loss.name, params, cfg.loss.ld_alpha)
   except KeyError as error:  # an unknown loss name
     raise ConfigError(f"loss.name: {error.args[0]}") from None
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
 
 
 def loss_params(loss_name: str, params: dict) -> dict:
@@ -248,6 +252,8 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
   if cfg.optim.grad_accum != 1 and not losses.spec(objective.loss_name).exact_accumulation:
     raise ConfigError(f"loss '{objective.loss_name}' is not a sum over micro-batches (it reads the whole batch); "
                       f"optim.grad_accum={cfg.optim.grad_accum} must be 1 with it")
+  if online_run and cfg.loss.ld_alpha is not None:
+    raise ConfigError(f"loss.ld_alpha (LD-DPO) applies to offline pairwise losses, not algorithm={cfg.algorithm}")
   if online_run and cfg.optim.grad_accum != 1:
     raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
   if cfg.model.attention_impl == "cudnn" and (cfg.data.packing or online_run):
@@ -331,11 +337,10 @@ def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.O
   """The online step's static pieces; rule rewards look up the gold answers of `examples`."""
   reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards)
   reference = run.state.loss_state.get("reference")
+  shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
   return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl,
-                          online.sampling_config(run.cfg.rl, run.tokenizer), reward, run.objective.uses_reference, critic_graphdef,
-                          reward_graphdef,
-                          reference_shardings=None if reference is None else jax.tree.map(lambda x: x.sharding,
-                                                                                         reference))
+                          online.sampling_config(run.cfg.rl, run.tokenizer), reward, run.objective.uses_reference,
+                          critic_graphdef, reward_graphdef, reference_shardings=shardings)
 
 
 def build_run(cfg: TrainConfig) -> Run:

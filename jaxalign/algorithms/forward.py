@@ -114,19 +114,40 @@ def prompt_sharing(num_rows: int, group: int) -> int:
   return 1
 
 
-def example_logps(model, batch: dict, prefix: str = "", **kwargs) -> tuple[jax.Array, jax.Array]:
+def example_logps(model, batch: dict, prefix: str = "", *, ld_alpha: float | None = None,
+                  **kwargs) -> tuple[jax.Array, jax.Array]:
   """Summed response log-probs S [E...] and response token counts n [E...] (>= 1) of every sequence of a
   padded or packed batch (E... its examples: [B, C] for pairs and lists, [B] for single responses).
   A shared-prompt batch (`prompt_mask` [B, P]: rows of the prompt left-padded to P, then a response) runs
-  each prompt once."""
+  each prompt once. ld_alpha (pairs [B, 2]): LD-DPO's sums, the tokens past the shorter response's length
+  weighted by ld_alpha (`ld_weights`)."""
   view, prompt = rows(batch, prefix), batch.get(prefix + "prompt_mask")
   sharing = 1 if prompt is None else prompt_sharing(view["input_ids"].shape[0], batch[prefix + "input_ids"].shape[-2])
   if sharing > 1:
     logps, mask = shared_prompt_token_logps(model, view, prompt.shape[-1], sharing, **kwargs)
   else:
     logps, mask = token_logps(model, view, **kwargs)
+  if ld_alpha is not None:
+    logps = logps * ld_weights(mask, batch, ld_alpha, prefix)
   s, n = sequence_sums(logps, mask, batch, prefix)
   return s, jnp.maximum(n, 1.0)
+
+
+def ld_weights(mask: jax.Array, batch: dict, ld_alpha: float, prefix: str = "") -> jax.Array:
+  """LD-DPO's token weights [R, W] for pairs (Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha): 1 on each
+  response's first l_p tokens, l_p = min(n(y_w), n(y_l)) of its pair, ld_alpha after them. mask [R, W] (the
+  loss tokens, aligned with the last W tokens of the batch's rows), padded or packed alike."""
+  row, segment, seg = packing_index(batch, prefix)
+  seg = seg[:, seg.shape[1] - mask.shape[1]:]
+  mask = mask.astype(jnp.float32)
+  totals = losses.segment_sums(mask, mask, seg, seg.shape[1])  # [R, W] tokens of segment k at column k - 1
+  before = jnp.cumsum(totals, axis=1) - totals  # tokens of the row's earlier segments
+  rank = jnp.cumsum(mask, axis=1) - jnp.take_along_axis(jnp.pad(before, ((0, 0), (1, 0))), seg, axis=1)
+  lengths = totals[row, segment - 1]  # [B, 2] each response's length
+  shared = jnp.broadcast_to(jnp.min(lengths, axis=-1, keepdims=True), lengths.shape)
+  table = jnp.zeros((seg.shape[0], seg.shape[1] + 1)).at[row, segment].set(shared)  # (row, segment) -> l_p
+  limit = jnp.take_along_axis(table, seg, axis=1)
+  return jnp.where(rank <= limit, 1.0, ld_alpha)
 
 
 def example_and_prompt_logps(model, batch: dict, **kwargs) -> tuple[jax.Array, ...]:

@@ -111,8 +111,11 @@ def _policy_and_reference(policy, reference, batch, prefix="", **op):
   return s, n, s_ref
 
 
-def pair_stats(policy, reference, batch, prompt=False, **op):
-  """PairStats of a batch; prompt: also the chosen prompts' log-probs (ORPO's NLL on prompt and completion)."""
+def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, **op):
+  """PairStats of a batch; prompt: also the chosen prompts' log-probs (ORPO's NLL on prompt and completion);
+  ld_alpha: LD-DPO's sums for policy and reference alike (`forward.ld_weights`)."""
+  if ld_alpha is not None:
+    op = {**op, "ld_alpha": ld_alpha}
   if prompt:
     s, n, s_prompt, n_prompt = example_and_prompt_logps(policy, batch, **op)
     prompt_fields = {"prompt_chosen": s_prompt.reshape(-1, 2)[:, 0], "n_prompt": n_prompt.reshape(-1, 2)[:, 0]}
@@ -206,10 +209,11 @@ _BY_INPUT = {  # how each input type is computed from a batch: (stats, step coun
 }
 
 
-def objective_for(algorithm: str, loss_name: str, params: dict | None = None) -> Objective:
+def objective_for(algorithm: str, loss_name: str, params: dict | None = None,
+                  ld_alpha: float | None = None) -> Objective:
   """The Objective of `algorithm` (sft | reward | preference) trained with registered loss `loss_name` and
   `params` (`loss.params`); what it needs (data format, reference, statistics) comes from the loss's
-  registration (`losses.spec`)."""
+  registration (`losses.spec`). ld_alpha: LD-DPO's length-desensitised sums for a pairwise policy loss."""
   spec = losses.spec(loss_name)
   if algorithm == "sft":
     if spec.data_format != "sft":
@@ -226,6 +230,11 @@ def objective_for(algorithm: str, loss_name: str, params: dict | None = None) ->
   stats, counts = _BY_INPUT[spec.inputs]
   if "prompt_chosen" in spec.reads(params or {}):
     stats = functools.partial(stats, prompt=True)
+  if ld_alpha is not None:
+    if spec.inputs is not losses.PairStats or spec.reward_model or "prompt_chosen" in spec.reads(params or {}):
+      raise ValueError(f"loss.ld_alpha (LD-DPO) applies to pairwise policy losses on the response tokens; "
+                       f"loss '{loss_name}' is not one")
+    stats = functools.partial(stats, ld_alpha=ld_alpha)
   prepass = kto_reference_point if "z0" in spec.step_inputs else None
   return Objective(loss_name, spec.data_format, spec.reward_model, spec.uses_reference(params or {}),
                    stats, counts, prepass, spec.running)

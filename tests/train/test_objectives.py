@@ -218,3 +218,42 @@ def test_a_loss_mixture_trains_by_its_formula_with_its_running_delta(stage):
                              rtol=1e-6)
   np.testing.assert_allclose(float(metrics["loss"]), 0.8 * float(metrics["dpo/loss"]) + 0.2 * float(
       metrics["bco/loss"]) + float(metrics["chosen_nll/loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_ld_dpo_sums_weight_the_tokens_past_the_shorter_response(stage, packing):
+  """LD-DPO (loss.ld_alpha): each response's log-probs past the pair's shorter length count ld_alpha times, for
+  the policy and the reference, padded or packed; against a float64 sum over the model's logits."""
+  from flax import nnx
+
+  alpha = 0.3
+  cfg = stage(algorithm="preference", loss__name="dpo", data__format="preference", loss__ld_alpha=alpha,
+              data__packing=packing, data__share_prompt=False)
+  run = build_run(cfg)
+  batch = run.eval_data.epoch_batches()[0]
+  assert ("pack_row" in batch) == packing
+  run.state = run.state._replace(trainable=jax.tree.map(lambda x: x * 1.05, run.state.trainable))  # policy != ref
+  stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0))
+  unequal = 0
+  for params, got in ((run.state.trainable, (stats.policy_chosen, stats.policy_rejected)),
+                      (run.frozen["reference"], (stats.ref_chosen, stats.ref_rejected))):
+    model = nnx.merge(run.fns.graphdef, params)
+    ids, seg, loss_mask = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "segment_ids", "loss_mask"))
+    logits = np.asarray(model(ids, segment_ids=seg), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    tokens = {}  # (row, segment) -> the response's token log-probs in order
+    for r in range(len(ids)):
+      for t in range(1, ids.shape[1]):
+        if seg[r, t] != 0 and seg[r, t] == seg[r, t - 1] and loss_mask[r, t]:
+          tokens.setdefault((r, seg[r, t]), []).append(logp[r, t - 1, ids[r, t]])
+    where = (lambda b, c: (batch["pack_row"][b, c], batch["pack_segment"][b, c])) if packing else (
+        lambda b, c: (2 * b + c, 1))
+    for b in range(batch["input_ids" if not packing else "pack_row"].shape[0]):
+      pair = [tokens[tuple(int(v) for v in where(b, c))] for c in (0, 1)]
+      shared = min(len(p) for p in pair)
+      unequal += len(pair[0]) != len(pair[1])
+      want = [sum(p[:shared]) + alpha * sum(p[shared:]) for p in pair]
+      np.testing.assert_allclose([float(got[0][b]), float(got[1][b])], want, rtol=2e-5)
+  assert unequal > 0  # pairs of unequal lengths: LD-DPO's sums differ from the plain ones there
+  assert_trains(*run_steps(cfg))
