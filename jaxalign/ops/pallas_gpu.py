@@ -86,18 +86,18 @@ def _keep_floor(z, col, t, f):
 
 
 def _forward_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_entropy,
-                    has_floor):
+                    with_sum_sq, has_floor):
   """One program: bn tokens against the whole vocab (online log-sum-exp over bv tiles).
 
-  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref.
+  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, lsq_ref.
   """
-  f_ref, (lse_ref, ent_ref, tz_ref) = _floor_ref(refs, has_floor)
+  f_ref, (lse_ref, ent_ref, tz_ref, lsq_ref) = _floor_ref(refs, has_floor)
   bn = h_ref.shape[0]
   t = t_ref[...]  # [bn]
   f = None if f_ref is None else f_ref[...]  # [bn]
 
   def body(j, carry):
-    m_old, s_old, e_old, tz_old = carry  # each [bn]
+    m_old, s_old, e_old, tz_old, q_old = carry  # each [bn]
     z = _tile_logits(h_ref, w_ref, j * bv, d=d, bk=bk, bv=bv, inv_t=inv_t)  # [bn, bv]
     col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
     keep = col < v_total
@@ -112,16 +112,18 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_
     if with_entropy:
       e_new = (alpha * (e_old + (m_old - m_new) * s_old)
                + jnp.sum(e * (z - m_new[:, None]), axis=1))
+    q_new = alpha * alpha * q_old + jnp.sum(e * e, axis=1) if with_sum_sq else q_old
     tz_new = tz_old + jnp.sum(jnp.where(col == t[:, None], z, 0.0), axis=1)
-    return m_new, s_new, e_new, tz_new
+    return m_new, s_new, e_new, tz_new, q_new
 
   zeros = jnp.zeros((bn,), jnp.float32)
-  init = (jnp.full((bn,), NEG, jnp.float32), zeros, zeros, zeros)
-  m, s, e, tz = lax.fori_loop(0, pl.cdiv(v_total, bv), body, init)
+  init = (jnp.full((bn,), NEG, jnp.float32), zeros, zeros, zeros, zeros)
+  m, s, e, tz, q = lax.fori_loop(0, pl.cdiv(v_total, bv), body, init)
   log_s = jnp.log(s)
   lse_ref[...] = m + log_s
   ent_ref[...] = log_s - e / s if with_entropy else zeros
   tz_ref[...] = tz
+  lsq_ref[...] = 2.0 * m + jnp.log(q) if with_sum_sq else jnp.full((bn,), -jnp.inf, jnp.float32)
 
 
 def _floor_args(floor):
@@ -129,15 +131,16 @@ def _floor_args(floor):
   return [] if floor is None else [floor.astype(jnp.float32)]
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
-            block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
-            interpret=False):
-  """Fused (lse, ent, tz) of the tempered logits (see `xla_chunked`), each [N] float32.
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
+            floor=None, block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K,
+            num_warps=NUM_WARPS, interpret=False):
+  """Fused (lse, ent, tz, lsq) of the tempered logits (see `xla_chunked`), each [N] float32.
 
   Args:
     hidden: [N, D] bf16 or f32. weight: [D, V] same dtype.
     targets: [N] int, column index (out of [0, V): no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
     block_n, block_v, block_k: powers of two >= 16. num_warps: Triton warps per program.
     interpret: run on CPU.
@@ -149,30 +152,30 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=No
   floor_args = _floor_args(floor)
   kernel = functools.partial(_forward_kernel, d=d, v_total=v, bk=bk, bv=bv,
                              inv_t=1.0 / temperature, with_entropy=with_entropy,
-                             has_floor=bool(floor_args))
+                             with_sum_sq=with_sum_sq, has_floor=bool(floor_args))
   row = pl.BlockSpec((bn,), lambda i: (i,))
   return tuple(pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn),),
       in_specs=[pl.BlockSpec((bn, d_pad), lambda i: (i, 0)),
                 pl.BlockSpec((d_pad, v_pad), lambda i: (0, 0)), row] + [row] * len(floor_args),
-      out_specs=[row, row, row],
-      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 3,
+      out_specs=[row] * 4,
+      out_shape=[jax.ShapeDtypeStruct((n,), jnp.float32)] * 4,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
       interpret=interpret,
       name="token_logprobs_fwd",
   )(hidden, weight, targets.astype(jnp.int32), *floor_args))
 
 
-def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
-                      block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
-                      interpret=False):
+def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
+                      with_sum_sq=False, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                      block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, block_k, num_warps, interpret
   targets = targets.astype(jnp.int32)
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
   z = xla_chunked.apply_floor(z, targets, floor)
-  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy)
+  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy, with_sum_sq=with_sum_sq)
 
 
 def _grad_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_lp, with_ent,

@@ -5,8 +5,8 @@ Shape letters: N tokens, D model width, V vocab (of this call's weight slice).
 * `forward`: grid (N / bn, V / bv), the vocab axis last and sequential ("arbitrary"). Each
   step multiplies a [bn, D] hidden block by a [D, bv] weight block on the MXU (float32
   accumulation) and folds the [bn, bv] tile into an online log-sum-exp held in VMEM scratch
-  (running max m, sum s = sum exp(z - m), sum exp(z - m) (z - m) for the entropy, and the
-  target logit). Logits never leave VMEM.
+  (running max m, sum s = sum exp(z - m), sum exp(z - m) (z - m) for the entropy, sum
+  exp(2 (z - m)) for log sum p^2, and the target logit). Logits never leave VMEM.
 * `grad_logits`: grid (N / bn, V / bv), both parallel; recomputes the tile and writes the
   gradient with respect to the raw logits in the input dtype. `xla_chunked.backward` calls it
   one vocab chunk at a time and does the two weight/hidden matmuls in XLA.
@@ -58,21 +58,21 @@ def _mask(z, col, v_total, t_ref, f_ref):
   return jnp.where(keep, z, NEG)
 
 
-def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy, has_floor):
+def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy, with_sum_sq,
+                    has_floor):
   """One (token block i, vocab block j) step of the online log-sum-exp.
 
-  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, then 4 scratch refs.
+  refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, lsq_ref, then 5 scratch refs.
   """
   f_ref, refs = _floor_ref(refs, has_floor)
-  lse_ref, ent_ref, tz_ref, m_sc, s_sc, e_sc, tz_sc = refs
+  lse_ref, ent_ref, tz_ref, lsq_ref, m_sc, s_sc, e_sc, tz_sc, q_sc = refs
   j = pl.program_id(1)
 
   @pl.when(j == 0)
   def _init():
     m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
-    s_sc[...] = jnp.zeros(s_sc.shape, jnp.float32)
-    e_sc[...] = jnp.zeros(e_sc.shape, jnp.float32)
-    tz_sc[...] = jnp.zeros(tz_sc.shape, jnp.float32)
+    for sc in (s_sc, e_sc, tz_sc, q_sc):
+      sc[...] = jnp.zeros(sc.shape, jnp.float32)
 
   z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_t  # [bn, bv]
   col = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
@@ -86,6 +86,8 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy
   if with_entropy:  # sum exp(z - m)(z - m), rescaled to the new max
     e_sc[...] = (alpha * (e_sc[...] + (m_old - m_new) * s_old)
                  + jnp.sum(e * (z - m_new), axis=1, keepdims=True))
+  if with_sum_sq:  # sum exp(2 (z - m)), rescaled to the new max
+    q_sc[...] = alpha * alpha * q_sc[...] + jnp.sum(e * e, axis=1, keepdims=True)
   m_sc[...] = m_new
   hit = col == t_ref[...]
   tz_sc[...] += jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
@@ -96,6 +98,10 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy
     lse_ref[...] = m_sc[...] + log_s
     ent_ref[...] = log_s - e_sc[...] / s_sc[...] if with_entropy else jnp.zeros_like(log_s)
     tz_ref[...] = tz_sc[...]
+    if with_sum_sq:
+      lsq_ref[...] = 2.0 * m_sc[...] + jnp.log(q_sc[...])
+    else:
+      lsq_ref[...] = jnp.full(log_s.shape, -jnp.inf, jnp.float32)
 
 
 def _floor_args(floor, n):
@@ -103,14 +109,15 @@ def _floor_args(floor, n):
   return [] if floor is None else [floor.astype(jnp.float32).reshape(n, 1)]
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
-            block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
-  """Fused (lse, ent, tz) of the tempered logits (see `xla_chunked`), each [N] float32.
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
+            floor=None, block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
+  """Fused (lse, ent, tz, lsq) of the tempered logits (see `xla_chunked`), each [N] float32.
 
   Args:
     hidden: [N, D] bf16 or f32. weight: [D, V] same dtype.
     targets: [N] int, column index (out of [0, V): no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
     block_n, block_v: block sizes (multiples of 8 and 128). interpret: run on CPU.
   """
@@ -119,16 +126,17 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=No
   bn, bv = _block(n, block_n, 8), _block(v, block_v, 128)
   floor_args = _floor_args(floor, n)
   kernel = functools.partial(_forward_kernel, inv_t=1.0 / temperature, v_total=v, bv=bv,
-                             with_entropy=with_entropy, has_floor=bool(floor_args))
+                             with_entropy=with_entropy, with_sum_sq=with_sum_sq,
+                             has_floor=bool(floor_args))
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   out = pl.pallas_call(
       kernel,
       grid=(pl.cdiv(n, bn), pl.cdiv(v, bv)),
       in_specs=[pl.BlockSpec((bn, d), lambda i, j: (i, 0)),
                 pl.BlockSpec((d, bv), lambda i, j: (0, j)), row] + [row] * len(floor_args),
-      out_specs=[row, row, row],
-      out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 3,
-      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 4,
+      out_specs=[row] * 4,
+      out_shape=[jax.ShapeDtypeStruct((n, 1), jnp.float32)] * 4,
+      scratch_shapes=[pltpu.VMEM((bn, 1), jnp.float32)] * 5,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
       interpret=interpret,
       name="token_logprobs_fwd",
@@ -136,14 +144,15 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=No
   return tuple(o[:, 0] for o in out)
 
 
-def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
-                      block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
+def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
+                      with_sum_sq=False, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                      interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, interpret
   targets = targets.astype(jnp.int32)
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
   z = xla_chunked.apply_floor(z, targets, floor)
-  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy)
+  return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy, with_sum_sq=with_sum_sq)
 
 
 def _grad_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_lp, with_ent,

@@ -1,4 +1,4 @@
-"""Token log-probs (and entropies) from final hidden states and the LM head, one op.
+"""Token log-probs (entropies, log sum p^2) from final hidden states and the LM head, one op.
 
 Shape letters: N tokens, D model width, V vocab.
 
@@ -16,6 +16,9 @@ for z = hidden @ weight / temperature without materialising [N, V] logits in tra
 Gradients come from a `jax.custom_vjp` whose backward recomputes logits tile by tile and
 accumulates dhidden / dweight in float32 (see `xla_chunked` for the formulas). Zero
 cotangents (an unused entropy, an unperturbed weight) skip their share of the work.
+
+On request the same pass also gives each row's entropy (differentiable) and log sum_v p_v^2 (the
+log collision probability, no gradient; WPO's weights, `algorithms.forward`).
 
 An optional per-row `logit_floor` [N] replays a sampler's top-k / top-p mask: row n
 normalises over K_n = {v : z_v >= floor_n} ∪ {target_n} (z tempered). Every path masks the
@@ -49,6 +52,7 @@ class OpSpec:
   with_entropy: bool
   need_dh: bool = True
   need_dw: bool = True
+  with_sum_sq: bool = False
 
 
 def _flavors(impl):
@@ -73,7 +77,8 @@ def _per_platform(make, impl, *args):
 
 def _forward_fn(spec):
   def make(flavor, interpret):
-    kw = dict(temperature=spec.temperature, with_entropy=spec.with_entropy)
+    kw = dict(temperature=spec.temperature, with_entropy=spec.with_entropy,
+              with_sum_sq=spec.with_sum_sq)
     if flavor is None:
       fn = functools.partial(xla_chunked.forward, **kw)
     else:
@@ -101,7 +106,7 @@ def _backward_fn(spec, with_lp, with_ent, dh_dtype, dw_dtype):
 
 
 def forward_stats(hidden, weight, targets, spec, floor=None):
-  """(lse, ent, tz), each [N] float32, for a column-local targets array (see `xla_chunked`).
+  """(lse, ent, tz, lsq), each [N] float32, for a column-local targets array (see `xla_chunked`).
 
   floor: None or [N] float32 tempered-logit floor (columns below it, bar the target, are
   out; see `xla_chunked.floor_mask`).
@@ -117,13 +122,15 @@ def backward_grads(hidden, weight, targets, rows, spec, *, with_lp, with_ent, dh
   return _per_platform(make, spec.impl, hidden, weight, targets, rows, floor)
 
 
-def empty_rows_zero_entropy(lse, ent, floor):
-  """Entropy 0 where the floor kept no column (an ignored target above every logit): such a
-  row's merged lse is NEG, its entropy otherwise the junk of an all-NEG row. Identity
-  without a floor."""
+def finish_stats(lse, ent, tz, lsq, floor):
+  """(lse, ent, tz, log sum p^2) from merged statistics. Entropy and log sum p^2 are 0 where the floor
+  kept no column (an ignored target above every logit): such a row's merged lse is NEG, the rest the
+  junk of an all-NEG row."""
+  log_sum_sq = lsq - 2.0 * lse
   if floor is None:
-    return ent
-  return jnp.where(lse > 0.5 * xla_chunked.NEG, ent, 0.0)
+    return lse, ent, tz, log_sum_sq
+  kept = lse > 0.5 * xla_chunked.NEG
+  return lse, jnp.where(kept, ent, 0.0), tz, jnp.where(kept, log_sum_sq, 0.0)
 
 
 def cotangent_rows(targets, lse, ent, g_lp, g_ent, temperature):
@@ -137,28 +144,28 @@ def cotangent_rows(targets, lse, ent, g_lp, g_ent, temperature):
 
 
 def _stats(hidden, weight, targets, floor, spec):
-  lse, ent, tz = forward_stats(hidden, weight, targets, spec, floor)
-  return lse, empty_rows_zero_entropy(lse, ent, floor), tz
+  return finish_stats(*forward_stats(hidden, weight, targets, spec, floor), floor)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(hidden, weight, targets, floor, spec):
-  lse, ent, tz = _stats(hidden, weight, targets, floor, spec)
-  return jnp.where(targets >= 0, tz - lse, 0.0), ent
+  lse, ent, tz, log_sum_sq = _stats(hidden, weight, targets, floor, spec)
+  return jnp.where(targets >= 0, tz - lse, 0.0), ent, log_sum_sq
 
 
 def _fused_fwd(hidden, weight, targets, floor, spec):
   h, w, t = hidden.value, weight.value, targets.value
   f = None if floor is None else floor.value
-  lse, ent, tz = _stats(h, w, t, f, spec)
+  lse, ent, tz, log_sum_sq = _stats(h, w, t, f, spec)
   logp = jnp.where(t >= 0, tz - lse, 0.0)
   spec = dataclasses.replace(spec, need_dh=hidden.perturbed, need_dw=weight.perturbed)
-  return (logp, ent), (h, w, t, f, lse, ent, spec)
+  return (logp, ent, log_sum_sq), (h, w, t, f, lse, ent, spec)
 
 
 def _fused_bwd(_, res, cotangents):
   h, w, t, f, lse, ent, spec = res
-  rows, with_lp, with_ent = cotangent_rows(t, lse, ent, *cotangents, spec.temperature)
+  g_lp, g_ent, _ = cotangents  # log sum p^2 is returned without gradient
+  rows, with_lp, with_ent = cotangent_rows(t, lse, ent, g_lp, g_ent, spec.temperature)
   with_ent = with_ent and spec.with_entropy
   if not (with_lp or with_ent) or not (spec.need_dh or spec.need_dw):
     return None, None, None, None
@@ -170,7 +177,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def naive_token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
-                         return_entropy=False):
+                         return_entropy=False, return_log_sum_sq=False):
   """Reference: materialises float32 [N, V] logits; gradients by autodiff. Same contract."""
   z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
   if logit_floor is not None:
@@ -179,12 +186,18 @@ def naive_token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floo
   logp_all = jax.nn.log_softmax(z, axis=-1)  # [N, V]
   picked = jnp.take_along_axis(logp_all, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
   logp = jnp.where(targets >= 0, picked, 0.0)
-  if not return_entropy:
-    return logp
   ent = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  log_sum_sq = lax.stop_gradient(jax.nn.logsumexp(2.0 * logp_all, axis=-1))
   if logit_floor is not None:
-    ent = jnp.where(jnp.any(keep, axis=-1), ent, 0.0)
-  return logp, ent
+    kept = jnp.any(keep, axis=-1)
+    ent, log_sum_sq = jnp.where(kept, ent, 0.0), jnp.where(kept, log_sum_sq, 0.0)
+  return asked_outputs(logp, ent, log_sum_sq, return_entropy, return_log_sum_sq)
+
+
+def asked_outputs(logp, ent, log_sum_sq, return_entropy, return_log_sum_sq):
+  """logp alone, or (logp, [entropy], [log sum p^2]) as asked."""
+  extras = [x for x, asked in ((ent, return_entropy), (log_sum_sq, return_log_sum_sq)) if asked]
+  return (logp, *extras) if extras else logp
 
 
 def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None):
@@ -215,7 +228,7 @@ def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None):
 
 
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
-                   return_entropy=False, impl="auto"):
+                   return_entropy=False, return_log_sum_sq=False, impl="auto"):
   """Log-probabilities of the target tokens under softmax(hidden @ weight / temperature).
 
   Args:
@@ -233,17 +246,20 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None
       gradient.
     return_entropy: also return the entropy of softmax(logits / temperature) (restricted as
       above when logit_floor is given).
+    return_log_sum_sq: also return log sum_v p_v^2 of the same distribution, without gradient
+      (WPO's weights, Zhou et al. 2024 Eq. 2). Costs one more multiply-add per logit.
     impl: "auto", "pallas", "xla", "naive" (see the module docstring).
 
   Returns:
-    logp [N] float32, or (logp [N], entropy [N]) float32 when return_entropy.
+    logp [N] float32, or (logp [N], [entropy [N]], [log sum p^2 [N]]) float32, the ones asked for.
   """
   targets, temperature, logit_floor = check_inputs(hidden, weight, targets, temperature, impl,
                                                    logit_floor)
   if impl == "naive":
     return naive_token_logprobs(hidden, weight, targets, temperature=temperature,
-                                logit_floor=logit_floor, return_entropy=return_entropy)
+                                logit_floor=logit_floor, return_entropy=return_entropy,
+                                return_log_sum_sq=return_log_sum_sq)
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
-  spec = OpSpec(impl, temperature, bool(return_entropy))
-  logp, ent = _fused(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, spec)
-  return (logp, ent) if return_entropy else logp
+  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq))
+  out = _fused(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, spec)
+  return asked_outputs(*out, return_entropy, return_log_sum_sq)

@@ -4,12 +4,13 @@ Shape letters: N tokens, D model width, V vocab; a shard holds N / |token axes| 
 V / |vocab axis| columns.
 
 Inside `jax.shard_map` each shard runs the single-device op's forward on its vocab slice
-(targets shifted to the slice's columns) and gets partial (lse, ent, tz); they merge exactly
-across the vocab axis with one pmax and three psums:
+(targets shifted to the slice's columns) and gets partial (lse, ent, tz, lsq); they merge exactly
+across the vocab axis with pmaxes and psums:
 
   lse = M + log sum_k exp(lse_k - M),  M = max_k lse_k
   ent = sum_k w_k (ent_k - log w_k),   w_k = exp(lse_k - lse)
   tz  = sum_k tz_k                      (the target column lives in one shard)
+  lsq = log-sum-exp over k of lsq_k, as lse (only when log sum p^2 is asked for)
 
 The backward (a custom_vjp around both shard_maps) gives each shard the global lse and
 E_p[z]; a shard's dhidden is a partial sum over its columns (psum over the vocab axis) and
@@ -29,8 +30,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 # The package re-exports the function under the module's name, so import names, not the module.
-from jaxalign.ops.token_logprobs import (OpSpec, backward_grads, check_inputs, cotangent_rows,
-                                         empty_rows_zero_entropy, forward_stats)
+from jaxalign.ops.token_logprobs import (OpSpec, asked_outputs, backward_grads, check_inputs,
+                                         cotangent_rows, finish_stats, forward_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +50,18 @@ def _local_targets(targets, v_local, vocab_axis):
   return jnp.where(targets >= 0, targets - lax.axis_index(vocab_axis) * v_local, -1)
 
 
-def _merge_over(stats, axis):
-  lse_k, ent_k, tz_k = stats
-  m = lax.pmax(lse_k, axis)
-  lse = m + jnp.log(lax.psum(jnp.exp(lse_k - m), axis))
+def _logsumexp_over(x, axis):
+  m = lax.pmax(x, axis)
+  return m + jnp.log(lax.psum(jnp.exp(x - m), axis))
+
+
+def _merge_over(stats, axis, with_sum_sq):
+  lse_k, ent_k, tz_k, lsq_k = stats
+  lse = _logsumexp_over(lse_k, axis)
   log_w = lse_k - lse
   ent = lax.psum(jnp.exp(log_w) * (ent_k - log_w), axis)
-  return lse, ent, lax.psum(tz_k, axis)
+  lsq = _logsumexp_over(lsq_k, axis) if with_sum_sq else lsq_k
+  return lse, ent, lax.psum(tz_k, axis), lsq
 
 
 def _forward(hidden, weight, targets, floor, layout, spec):
@@ -64,32 +70,32 @@ def _forward(hidden, weight, targets, floor, layout, spec):
   def local(h, w, t, f):
     t_local = _local_targets(t, w.shape[1], layout.vocab_axis)
     stats = forward_stats(h, w, t_local, spec, f)
-    return _merge_over(stats, layout.vocab_axis)
+    return _merge_over(stats, layout.vocab_axis, spec.with_sum_sq)
 
   in_specs = (h_spec, w_spec, t_spec, t_spec)  # the floor (or None) is split like the targets
-  lse, ent, tz = jax.shard_map(local, mesh=layout.mesh, in_specs=in_specs,
-                               out_specs=(t_spec,) * 3, check_vma=False)(hidden, weight,
-                                                                         targets, floor)
-  return lse, empty_rows_zero_entropy(lse, ent, floor), tz
+  stats = jax.shard_map(local, mesh=layout.mesh, in_specs=in_specs, out_specs=(t_spec,) * 4,
+                        check_vma=False)(hidden, weight, targets, floor)
+  return finish_stats(*stats, floor)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _vp(hidden, weight, targets, floor, layout, spec):
-  lse, ent, tz = _forward(hidden, weight, targets, floor, layout, spec)
-  return jnp.where(targets >= 0, tz - lse, 0.0), ent
+  lse, ent, tz, log_sum_sq = _forward(hidden, weight, targets, floor, layout, spec)
+  return jnp.where(targets >= 0, tz - lse, 0.0), ent, log_sum_sq
 
 
 def _vp_fwd(hidden, weight, targets, floor, layout, spec):
   h, w, t = hidden.value, weight.value, targets.value
   f = None if floor is None else floor.value
-  lse, ent, tz = _forward(h, w, t, f, layout, spec)
+  lse, ent, tz, log_sum_sq = _forward(h, w, t, f, layout, spec)
   spec = dataclasses.replace(spec, need_dh=hidden.perturbed, need_dw=weight.perturbed)
-  return (jnp.where(t >= 0, tz - lse, 0.0), ent), (h, w, t, f, lse, ent, spec)
+  return (jnp.where(t >= 0, tz - lse, 0.0), ent, log_sum_sq), (h, w, t, f, lse, ent, spec)
 
 
 def _vp_bwd(layout, _, res, cotangents):
   h, w, t, f, lse, ent, spec = res
-  rows, with_lp, with_ent = cotangent_rows(t, lse, ent, *cotangents, spec.temperature)
+  g_lp, g_ent, _ = cotangents  # log sum p^2 is returned without gradient
+  rows, with_lp, with_ent = cotangent_rows(t, lse, ent, g_lp, g_ent, spec.temperature)
   with_ent = with_ent and spec.with_entropy
   if not (with_lp or with_ent) or not (spec.need_dh or spec.need_dw):
     return None, None, None, None
@@ -117,7 +123,8 @@ _vp.defvjp(_vp_fwd, _vp_bwd, symbolic_zeros=True)
 
 def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="tensor",
                                   token_axes=("data", "fsdp"), temperature=1.0,
-                                  logit_floor=None, return_entropy=False, impl="auto"):
+                                  logit_floor=None, return_entropy=False,
+                                  return_log_sum_sq=False, impl="auto"):
   """`token_logprobs` with the LM head sharded over `vocab_axis` of `mesh`.
 
   Gives the unsharded result (up to float rounding) without gathering the weight or logits.
@@ -129,11 +136,11 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
     mesh: a `jax.sharding.Mesh`. vocab_axis: its vocab-parallel axis name.
     token_axes: its axes that shard tokens (names absent from the mesh are dropped); N must
       divide evenly by their total size.
-    temperature, logit_floor, return_entropy, impl: as in `token_logprobs` ("naive" is not
-      sharded); logit_floor [N] is sharded like the targets.
+    temperature, logit_floor, return_entropy, return_log_sum_sq, impl: as in `token_logprobs`
+      ("naive" is not sharded); logit_floor [N] is sharded like the targets.
 
   Returns:
-    logp [N] float32 (and entropy [N] when return_entropy), sharded over `token_axes`.
+    logp [N] float32 (and entropy [N], log sum p^2 [N] as asked), sharded over `token_axes`.
   """
   if impl == "naive":
     raise ValueError("vocab_parallel_token_logprobs: impl='naive' has no vocab-parallel form; "
@@ -153,8 +160,7 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
                      f"|{vocab_axis}|={mesh.shape[vocab_axis]} and N={hidden.shape[0]} by "
                      f"|{token_axes}|={n_tok}; pad the vocab / batch")
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
-  spec = OpSpec(impl, temperature, bool(return_entropy))
+  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq))
   layout = _Layout(mesh, vocab_axis, token_axes)
-  logp, ent = _vp(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, layout,
-                  spec)
-  return (logp, ent) if return_entropy else logp
+  out = _vp(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, layout, spec)
+  return asked_outputs(*out, return_entropy, return_log_sum_sq)

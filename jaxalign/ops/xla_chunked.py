@@ -3,11 +3,14 @@
 Shape letters: N tokens, D model width, V vocab; n, v are the sizes of one chunk or tile.
 
 Every path works on tempered logits z = (hidden @ weight) / temperature, computed one
-[n, v] tile at a time, and keeps three float32 statistics per row:
+[n, v] tile at a time, and keeps four float32 statistics per row:
 
   lse  log sum_j exp(z_j)                     (log partition function)
   ent  -sum_j p_j log p_j, p = softmax(z)     (entropy)
   tz   z[target] if the target column lies in the tile, else 0
+  lsq  log sum_j exp(2 z_j)                   (so log sum_j p_j^2 = lsq - 2 lse: WPO's weights)
+
+ent and lsq are computed only when asked for (zeros / -inf otherwise); lsq gets no gradient.
 
 Tiles over disjoint column ranges merge exactly (`merge_stats`), which is what the online
 log-sum-exp over vocab chunks, the Pallas kernels and the vocab-parallel op all use.
@@ -50,16 +53,17 @@ class Rows(NamedTuple):
   coef_ent: jax.Array  # g_entropy / temperature
 
 
-def tile_stats(z, targets, *, with_entropy=True):
-  """(lse, ent, tz) of one tile of tempered logits.
+def tile_stats(z, targets, *, with_entropy=True, with_sum_sq=False):
+  """(lse, ent, tz, lsq) of one tile of tempered logits.
 
   Args:
     z: [n, v] float32 tempered logits.
     targets: [n] int, column index inside this tile (anything outside [0, v) is no hit).
     with_entropy: if False, ent is returned as zeros.
+    with_sum_sq: if False, lsq is returned as -inf (the empty sum).
 
   Returns:
-    lse, ent, tz: each [n] float32.
+    lse, ent, tz, lsq: each [n] float32.
   """
   m = jnp.max(z, axis=-1, keepdims=True)  # [n, 1]
   e = jnp.exp(z - m)  # [n, v]
@@ -71,7 +75,11 @@ def tile_stats(z, targets, *, with_entropy=True):
     ent = jnp.zeros_like(lse)
   col = lax.broadcasted_iota(jnp.int32, z.shape, 1)
   tz = jnp.sum(jnp.where(col == targets[:, None], z, 0.0), axis=-1)
-  return lse, ent, tz
+  if with_sum_sq:  # sum exp(2 z) = exp(2 m) sum e^2, every term <= 1
+    lsq = 2.0 * m[:, 0] + jnp.log(jnp.sum(e * e, axis=-1))
+  else:
+    lsq = jnp.full_like(lse, -jnp.inf)
+  return lse, ent, tz, lsq
 
 
 def floor_mask(z, targets, floor):
@@ -93,25 +101,25 @@ def apply_floor(z, targets, floor):
 
 
 def merge_stats(a, b):
-  """Merges (lse, ent, tz) of two disjoint column ranges; an lse of -inf is the empty range.
+  """Merges (lse, ent, tz, lsq) of two disjoint column ranges; an lse of -inf is the empty range.
 
   The entropy of a mixture: H = sum_k w_k (H_k - log w_k) with w_k = exp(lse_k - lse).
   """
-  lse_a, ent_a, tz_a = a
-  lse_b, ent_b, tz_b = b
+  lse_a, ent_a, tz_a, lsq_a = a
+  lse_b, ent_b, tz_b, lsq_b = b
   lse = jnp.logaddexp(lse_a, lse_b)
 
   def part(lse_k, ent_k):
     log_w = lse_k - lse
     return jnp.where(jnp.isfinite(log_w), jnp.exp(log_w) * (ent_k - log_w), 0.0)
 
-  return lse, part(lse_a, ent_a) + part(lse_b, ent_b), tz_a + tz_b
+  return lse, part(lse_a, ent_a) + part(lse_b, ent_b), tz_a + tz_b, jnp.logaddexp(lsq_a, lsq_b)
 
 
 def empty_stats(n):
   """Statistics of an empty column range for n rows."""
-  return (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-          jnp.zeros((n,), jnp.float32))
+  empty = jnp.full((n,), -jnp.inf, jnp.float32)
+  return empty, jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.float32), empty
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
@@ -161,13 +169,14 @@ def _pad_floor(floor, n_pad, shape):
   return _pad_rows(floor.astype(jnp.float32), n_pad, -jnp.inf).reshape(shape)
 
 
-def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=None,
-            token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
-  """(lse, ent, tz), each [N] float32, without materialising [N, V] logits.
+def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
+            floor=None, token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
+  """(lse, ent, tz, lsq), each [N] float32, without materialising [N, V] logits.
 
   Args:
     hidden: [N, D]. weight: [D, V]. targets: [N] int column index (out of range: no hit).
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
+    with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 tempered-logit floor: the statistics are over the columns
       `floor_mask` keeps (a row that keeps none gets lse = NEG).
     token_chunk, vocab_chunk: tile size; the live temporaries are a few [token_chunk,
@@ -188,11 +197,12 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, floor=No
       w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
       z = jnp.dot(h_c, w_c, preferred_element_type=jnp.float32) * inv_t  # [bn, width]
       z = apply_floor(z, t_c - col0, f_c)
-      return merge_stats(stats, tile_stats(z, t_c - col0, with_entropy=with_entropy))
+      return merge_stats(stats, tile_stats(z, t_c - col0, with_entropy=with_entropy,
+                                           with_sum_sq=with_sum_sq))
 
     return _fold_vocab(tile, empty_stats(bn), weight.shape[1], vocab_chunk)
 
-  stats = lax.map(one_token_chunk, (h, t, f))  # 3 x [nt, bn]
+  stats = lax.map(one_token_chunk, (h, t, f))  # 4 x [nt, bn]
   return tuple(s.reshape(-1)[:n] for s in stats)
 
 

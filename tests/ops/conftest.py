@@ -17,11 +17,11 @@ def as_f64(x):
 
 
 def reference(hidden, weight, targets, temperature, g_lp, g_ent):
-  """Log-probs, entropies and the gradients of sum(g_lp * logp) + sum(g_ent * ent).
+  """Log-probs, entropies, log sum_v p_v^2 and the gradients of sum(g_lp * logp) + sum(g_ent * ent).
 
   Args: hidden [N, D], weight [D, V], targets [N] (negative = ignored), temperature,
     g_lp, g_ent [N] cotangents.
-  Returns: dict of float64 arrays: logp [N], ent [N], dh [N, D], dw [D, V].
+  Returns: dict of float64 arrays: logp [N], ent [N], log_sum_sq [N], dh [N, D], dw [D, V].
   """
   h, w = as_f64(hidden), as_f64(weight)
   t = np.asarray(targets)
@@ -40,7 +40,8 @@ def reference(hidden, weight, targets, temperature, g_lp, g_ent):
   dz = (as_f64(g_lp) * valid)[:, None] * (onehot - p)
   dz -= as_f64(g_ent)[:, None] * p * (logp_all + ent[:, None])
   dx = dz / temperature
-  return {"logp": logp, "ent": ent, "dh": dx @ w.T, "dw": h.T @ dx}
+  return {"logp": logp, "ent": ent, "log_sum_sq": np.log((p * p).sum(axis=1)), "dh": dx @ w.T,
+          "dw": h.T @ dx}
 
 
 def rel_err(actual, expected):

@@ -28,7 +28,8 @@ def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_en
   """Float64 log-probs, entropies and gradients of sum(g_lp logp) + sum(g_ent ent) under the
   softmax restricted to K_n; a row with an empty K_n has log-prob 0, entropy 0, no gradient.
 
-  Returns: dict of logp [N], ent [N], dh [N, D], dw [D, V] and keep [N, V] (bool).
+  Returns: dict of logp [N], ent [N], log_sum_sq [N] (log sum p^2 over K_n, 0 for an empty K_n), dh [N, D],
+  dw [D, V] and keep [N, V] (bool).
   """
   h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
   t, f = np.asarray(targets), np.asarray(floor, np.float64)
@@ -51,7 +52,8 @@ def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_en
   dz -= np.asarray(g_ent, np.float64)[:, None] * p * (logp_all + ent[:, None])
   dz *= nonempty[:, None]
   dx = dz / temperature
-  return {"logp": logp, "ent": ent, "dh": dx @ w.T, "dw": h.T @ dx, "keep": keep}
+  log_sum_sq = np.where(nonempty, np.log(np.maximum((p * p).sum(axis=1), 1e-300)), 0.0)
+  return {"logp": logp, "ent": ent, "log_sum_sq": log_sum_sq, "dh": dx @ w.T, "dw": h.T @ dx, "keep": keep}
 
 
 def rel_err(actual, expected):
@@ -120,23 +122,25 @@ def make_case(seed, n=N, d=D, v=V, temperature=TEMPERATURE):
 
 
 def _value_and_grads(fn, hidden, weight, g_lp, g_ent):
-  """((logp, ent), (dh, dw)) of sum(g_lp * logp) + sum(g_ent * ent), jitted."""
+  """((logp, ent, log_sum_sq), (dh, dw)) of sum(g_lp * logp) + sum(g_ent * ent) (+ sum(log_sum_sq), which has
+  no gradient), jitted."""
 
   def loss(h, w):
-    logp, ent = fn(h, w)
-    return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent), (logp, ent)
+    logp, ent, log_sum_sq = fn(h, w)
+    return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent) + jnp.sum(log_sum_sq), (logp, ent, log_sum_sq)
 
   grads, outs = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(hidden, weight)
   return outs, grads
 
 
 def _check(outs, grads, want, targets):
-  logp, ent = outs
+  logp, ent, log_sum_sq = outs
   dh, dw = grads
   assert logp.dtype == jnp.float32 and logp.shape == (N,)
-  assert np.all(np.isfinite(logp)) and np.all(np.isfinite(ent))
+  assert np.all(np.isfinite(logp)) and np.all(np.isfinite(ent)) and np.all(np.isfinite(log_sum_sq))
   assert rel_err(logp, want["logp"]) < TOL_OUT
   assert rel_err(ent, want["ent"]) < TOL_OUT
+  assert rel_err(log_sum_sq, want["log_sum_sq"]) < TOL_OUT
   assert rel_err(dh, want["dh"]) < TOL_GRAD
   assert rel_err(dw, want["dw"]) < TOL_GRAD
   t = np.asarray(targets)
@@ -179,7 +183,7 @@ def test_reference_is_right(ref):
 def test_op_matches_float64_reference(impl):
   hidden, weight, targets, floor, g_lp, g_ent = make_case(2, v=V + 1)  # V = 1003 here
   fn = functools.partial(token_logprobs, targets=targets, temperature=TEMPERATURE,
-                         logit_floor=floor, return_entropy=True, impl=impl)
+                         logit_floor=floor, return_entropy=True, return_log_sum_sq=True, impl=impl)
   outs, grads = _value_and_grads(lambda h, w: fn(h, w), hidden, weight, g_lp, g_ent)
   want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
   _check(outs, grads, want, targets)
@@ -196,7 +200,7 @@ def test_vocab_parallel_matches_float64_reference(mesh, impl):
   targets, floor, g_lp, g_ent = (put(x, tok) for x in (targets, floor, g_lp, g_ent))
   fn = functools.partial(vocab_parallel_token_logprobs, targets=targets, mesh=mesh,
                          temperature=TEMPERATURE, logit_floor=floor, return_entropy=True,
-                         impl=impl)
+                         return_log_sum_sq=True, impl=impl)
   outs, grads = _value_and_grads(lambda h, w: fn(h, w), hidden, weight, g_lp, g_ent)
   want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
   _check(outs, grads, want, targets)
@@ -220,13 +224,14 @@ def test_small_tiles_pipeline_matches_float64_reference(flavor):
   fwd, grad_fn, fwd_kw, grad_kw = SMALL[flavor]
   hidden, weight, targets, floor, g_lp, g_ent = make_case(4)
   fwd = functools.partial(fwd, temperature=TEMPERATURE, floor=floor, **fwd_kw)
-  lse, ent, tz = jax.jit(fwd)(hidden, weight, targets)
+  lse, ent, tz, lsq = jax.jit(functools.partial(fwd, with_sum_sq=True))(hidden, weight, targets)
   want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
   nonempty = want["keep"].any(axis=1)
-  ent = jnp.where(nonempty, ent, 0.0)  # the op zeroes empty rows (`empty_rows_zero_entropy`)
+  ent = jnp.where(nonempty, ent, 0.0)  # the op zeroes empty rows (`token_logprobs.finish_stats`)
   logp = jnp.where(targets >= 0, tz - lse, 0.0)
   assert rel_err(logp, want["logp"]) < TOL_OUT
   assert rel_err(ent, want["ent"]) < TOL_OUT
+  assert rel_err(jnp.where(nonempty, lsq - 2 * lse, 0.0), want["log_sum_sq"]) < TOL_OUT
   rows = xla_chunked.Rows(lse, lse - ent,
                           jnp.where(targets >= 0, g_lp, 0.0) / TEMPERATURE, g_ent / TEMPERATURE)
   grad_fn = functools.partial(grad_fn, temperature=TEMPERATURE, **grad_kw)
@@ -267,7 +272,8 @@ def test_no_floor_is_todays_op():
 
   def op(**floor_kw):
     return lambda h, w: token_logprobs(h, w, targets, temperature=TEMPERATURE,
-                                       return_entropy=True, impl="xla", **floor_kw)
+                                       return_entropy=True, return_log_sum_sq=True, impl="xla",
+                                       **floor_kw)
 
   got_none = _value_and_grads(op(logit_floor=None), hidden, weight, g_lp, g_ent)
   got_inf = _value_and_grads(op(logit_floor=jnp.full((N,), -jnp.inf)), hidden, weight, g_lp,

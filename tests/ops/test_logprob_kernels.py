@@ -21,7 +21,7 @@ TRITON = pallas_gpu.CUSTOM_CALL_TARGET  # "__gpu$xla.gpu.triton"
 
 
 def _rows(ref, stats, seed):
-  lse, ent, _ = stats
+  lse, ent = stats[:2]
   _, _, _, g_lp, g_ent = ref.make_inputs(seed, N, 1, 1, jnp.float32)
   return xla_chunked.Rows(lse, lse - ent, g_lp, g_ent)
 
@@ -30,16 +30,17 @@ def _rows(ref, stats, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("with_entropy", [True, False])
 def test_forward_kernel_matches_reference(ref, flavor, dtype, with_entropy):
+  """(lse, ent, tz, lsq); the entropy and log sum exp(2z) only when asked for (zeros, -inf otherwise)."""
   module, blocks = BLOCKS[flavor]
   hidden, weight, targets, _, _ = ref.make_inputs(1, N, D, V, dtype)
-  kw = dict(temperature=0.8, with_entropy=with_entropy, **blocks)
+  kw = dict(temperature=0.8, with_entropy=with_entropy, with_sum_sq=with_entropy, **blocks)
   got = module.forward(hidden, weight, targets, interpret=True, **kw)
   want = module.forward_reference(hidden, weight, targets, **kw)
   for g, w in zip(got, want):
     assert g.shape == (N,) and g.dtype == jnp.float32
     np.testing.assert_allclose(g, w, rtol=2e-6, atol=2e-5)
   if not with_entropy:
-    assert not np.any(np.asarray(got[1]))
+    assert not np.any(np.asarray(got[1])) and np.all(np.asarray(got[3]) == -np.inf)
 
 
 @pytest.mark.parametrize("flavor", ["tpu", "gpu"])
@@ -70,11 +71,12 @@ def test_chunked_pipeline_with_small_chunks_matches_float64(ref, flavor):
     module, blocks = BLOCKS[flavor]
     fwd = functools.partial(module.forward, interpret=True, **blocks)
     grad_fn = functools.partial(module.grad_logits, interpret=True, **blocks)
-  lse, ent, tz = fwd(hidden, weight, targets, temperature=temperature)
+  lse, ent, tz, lsq = fwd(hidden, weight, targets, temperature=temperature, with_sum_sq=True)
   want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
   logp = jnp.where(targets >= 0, tz - lse, 0.0)
   np.testing.assert_allclose(logp, want["logp"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ent, want["ent"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lsq - 2 * lse, want["log_sum_sq"], rtol=1e-5, atol=1e-5)
   rows = xla_chunked.Rows(lse, lse - ent, jnp.where(targets >= 0, g_lp, 0.0) / temperature,
                           g_ent / temperature)
   grad_fn = functools.partial(grad_fn, temperature=temperature)
@@ -104,15 +106,16 @@ KERNEL_CALL = {"cuda": TRITON, "tpu": "tpu_custom_call"}
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 def test_op_forward_and_gradient_lower_for_gpu_and_tpu(ref, platform, impl, dtype):
   """The public op, forward and gradient, exported on this CPU host for CUDA and TPU: the
-  platform switch picks the kernels, and lowering them must succeed."""
+  platform switch picks the kernels, and lowering them must succeed (log sum p^2 included)."""
   hidden, weight, targets, g_lp, g_ent = ref.make_inputs(5, N, D, V, dtype)
 
   def fwd(h, w):
-    return token_logprobs(h, w, targets, temperature=0.7, return_entropy=True, impl=impl)
+    return token_logprobs(h, w, targets, temperature=0.7, return_entropy=True,
+                          return_log_sum_sq=True, impl=impl)
 
   def grad(h, w):
     def loss(h, w):
-      logp, ent = fwd(h, w)
+      logp, ent, _ = fwd(h, w)
       return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent)
     return jax.grad(loss, argnums=(0, 1))(h, w)
 

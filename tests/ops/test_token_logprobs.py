@@ -16,14 +16,15 @@ TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-4, 1e-2)}
 
 
 def _run(impl, hidden, weight, targets, g_lp, g_ent, temperature, with_entropy):
-  """(outputs, (dh, dw)) of sum(g_lp * logp) [+ sum(g_ent * ent)], jitted."""
+  """(outputs, (dh, dw)) of sum(g_lp * logp) [+ sum(g_ent * ent)], jitted. With the entropy the
+  op also returns log sum p^2, and the loss adds it: it must contribute no gradient."""
 
   def loss(h, w):
     out = token_logprobs(h, w, targets, temperature=temperature,
-                         return_entropy=with_entropy, impl=impl)
+                         return_entropy=with_entropy, return_log_sum_sq=with_entropy, impl=impl)
     if with_entropy:
-      logp, ent = out
-      return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent), out
+      logp, ent, log_sum_sq = out
+      return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent) + jnp.sum(log_sum_sq), out
     return jnp.sum(g_lp * out), (out,)
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
@@ -49,8 +50,9 @@ def test_matches_float64_reference(ref, impl, dtype, shape, temperature, with_en
   assert ref.rel_err(outs[0], want["logp"]) < tol_out
   assert np.all(np.asarray(outs[0])[np.asarray(targets) < 0] == 0.0)
   if with_entropy:
-    assert outs[1].dtype == jnp.float32
+    assert outs[1].dtype == jnp.float32 and outs[2].dtype == jnp.float32
     assert ref.rel_err(outs[1], want["ent"]) < tol_out
+    assert ref.rel_err(outs[2], want["log_sum_sq"]) < tol_out
   assert dh.dtype == dtype and dw.dtype == dtype
   assert ref.rel_err(dh, want["dh"]) < tol_grad
   assert ref.rel_err(dw, want["dw"]) < tol_grad
@@ -69,6 +71,24 @@ def test_entropy_only_and_hidden_only_gradients(ref, impl):
   dh = jax.jit(jax.grad(ent_loss))(hidden)
   want = ref.reference(hidden, weight, targets, 0.9, jnp.zeros_like(g_lp), g_ent)
   assert ref.rel_err(dh, want["dh"]) < 2e-5
+
+
+@pytest.mark.parametrize("impl", ["naive", "xla", "pallas"])
+def test_log_sum_sq_alone_and_without_gradient(ref, impl):
+  """return_log_sum_sq without the entropy: (logp, log sum p^2); a loss on it alone has zero gradient (it
+  is WPO's detached weight), and asking for it leaves the log-probs the same (up to float32 rounding: the
+  programs fuse differently)."""
+  hidden, weight, targets, _, _ = ref.make_inputs(9, *ODD, jnp.float32)
+  logp, log_sum_sq = token_logprobs(hidden, weight, targets, temperature=0.7, return_log_sum_sq=True,
+                                    impl=impl)
+  want = ref.reference(hidden, weight, targets, 0.7, jnp.zeros(ODD[0]), jnp.zeros(ODD[0]))
+  assert ref.rel_err(log_sum_sq, want["log_sum_sq"]) < 1e-5
+  assert np.all(np.asarray(log_sum_sq) <= 1e-6)  # sum p^2 <= 1
+  np.testing.assert_allclose(logp, token_logprobs(hidden, weight, targets, temperature=0.7, impl=impl),
+                             rtol=1e-6, atol=1e-6)
+  dh, dw = jax.grad(lambda h, w: jnp.sum(token_logprobs(h, w, targets, return_log_sum_sq=True,
+                                                        impl=impl)[1]), argnums=(0, 1))(hidden, weight)
+  assert not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
 
 
 def test_reference_gradients_match_finite_differences(ref):

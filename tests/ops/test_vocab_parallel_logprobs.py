@@ -34,16 +34,17 @@ def test_vocab_parallel_matches_unsharded_reference(ref, mesh, impl, dtype):
   hidden, weight, targets, g_lp, g_ent = _sharded_inputs(ref, mesh, 11, dtype)
   temperature = 0.8
 
-  def loss(h, w):
-    logp, ent = vocab_parallel_token_logprobs(h, w, targets, mesh, temperature=temperature,
-                                              return_entropy=True, impl=impl)
-    return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent), (logp, ent)
+  def loss(h, w):  # log sum p^2 has no gradient: adding it changes nothing below
+    logp, ent, log_sum_sq = vocab_parallel_token_logprobs(
+        h, w, targets, mesh, temperature=temperature, return_entropy=True, return_log_sum_sq=True, impl=impl)
+    return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent) + jnp.sum(log_sum_sq), (logp, ent, log_sum_sq)
 
-  (dh, dw), (logp, ent) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(hidden, weight)
+  (dh, dw), (logp, ent, log_sum_sq) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(hidden, weight)
   want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
   tol_out, tol_grad = TOL[dtype]
   assert ref.rel_err(logp, want["logp"]) < tol_out
   assert ref.rel_err(ent, want["ent"]) < tol_out
+  assert ref.rel_err(log_sum_sq, want["log_sum_sq"]) < tol_out
   assert dh.dtype == dtype and dw.dtype == dtype
   assert ref.rel_err(dh, want["dh"]) < tol_grad
   assert ref.rel_err(dw, want["dw"]) < tol_grad
