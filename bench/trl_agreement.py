@@ -35,6 +35,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 
 from jaxalign import losses  # noqa: E402
+from jaxalign.algorithms import forward  # noqa: E402
+from jaxalign.algorithms.objectives import weighted_pair_loss  # noqa: E402
 from jaxalign.losses.stats import PairStats, RewardPair, TokenBatch, UnpairedStats  # noqa: E402
 
 PAIRS, TOKENS, SEQS = 8, 16, 8  # pairs / unpaired examples; token positions; RL sequences (2 groups of 4)
@@ -53,10 +55,12 @@ def make_inputs(seed: int) -> dict[str, np.ndarray]:
     mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float64)
     return -rng.uniform(lo, hi, (n_rows, t)) * mask, mask
 
-  # pairs: per-token log-probs (so TRL's models can return them), reference sequence sums
+  # pairs: per-token log-probs (so TRL's models can return them), each position's log sum_v p_v^2 (WPO),
+  # reference sequence sums
   for side in ("chosen", "rejected"):
     tok, mask = tokens(PAIRS, TOKENS)
     out[f"pair|tok_{side}"], out[f"pair|mask_{side}"] = tok, mask
+    out[f"pair|log_sum_sq_{side}"] = -rng.uniform(0.05, 1.5, (PAIRS, TOKENS))
     out[f"pair|ref_{side}"] = tok.sum(1) - rng.normal(0.0, 2.0, PAIRS)
   # unpaired (KTO): policy tokens, reference sums, labels (both classes present), mismatched KL completions
   tok, mask = tokens(PAIRS, TOKENS)
@@ -98,6 +102,8 @@ class Case:
   counts: tuple = ()  # step counts passed to jaxalign: "num_tokens" (the batch's loss-token count)
   differs: bool = False  # a convention row: jaxalign's default against TRL's default, expected to differ
   id: str = ""
+  # loss.wpo / loss.ld_alpha: the pair statistics come from the token log-probs through jaxalign's forward helpers
+  pair_options: dict = dataclasses.field(default_factory=dict)
 
 
 GROUP = {"dpo": "pair", "dpo_f32": "pair", "dpo_patched": "pair", "cpo": "pair", "cdpo": "pair", "orpo": "pair",
@@ -174,6 +180,13 @@ def build_cases() -> list[Case]:
                   f"DPOTrainer loss_type={types}, loss_weights={weights}",
                   "a loss mixture named by its formula (bco's delta 0, as TRL's bco_pair)",
                   counts=("num_tokens",)))
+  for name, trl_type in (("dpo", "sigmoid"), ("apo_zero", "apo_zero"), ("sppo_hard", "sppo_hard")):
+    c.append(dpo_case(name, b, trl_type, "WPO: each pair's term weighted by exp(mean_t [lp - log sum p^2]) of both "
+                      "responses (`forward.wpo_log_weights`, `objectives.weighted_pair_loss`)", use_weighting=True))
+    c[-1].pair_options = {"wpo": True}
+  for alpha in (0.0, 0.5):
+    c.append(dpo_case("dpo", b, "sigmoid", "LD-DPO: token weights from `forward.ld_weights`", ld_alpha=alpha))
+    c[-1].pair_options = {"ld_alpha": alpha}
   for name, params in (("cdpo", dict(beta=0.1, eps=0.1)), ("dpo", dict(beta=0.1, label_smoothing=0.1))):
     c.append(Case(name, params, "cdpo", dict(beta=0.1, label_smoothing=0.1),
                   "CPOTrainer.cpo_loss sigmoid, label_smoothing=0.1, on log-ratios",
@@ -314,7 +327,13 @@ def build_cases() -> list[Case]:
                 conv + "jaxalign default nll_reduction=sequence_mean (paper: mean_b S_w/n_w) vs TRL token mean"))
   c.append(dpo_case("ipo", dict(tau=0.1), "ipo", conv + "jaxalign default length_normalize=False (paper, summed "
                     "log-ratios) vs TRL per-token averages"))
-  for case in c[-3:]:
+  c.append(Case("dpo + chosen_nll", dict(beta=0.1), "dpo", dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 1.0],
+                                                                beta=0.1, use_weighting=True),
+                "DPOTrainer loss_type=[sigmoid, sft], use_weighting=True",
+                conv + "WPO on the token-mean NLL: jaxalign weighs each pair's NLL (sum_b w_b NLL_b / tokens); TRL "
+                "1.16's code would scale the batch's token-mean NLL by the mean weight, but its in-place `*=` on "
+                "the expanded sft loss raises", counts=("num_tokens",), pair_options={"wpo": True}))
+  for case in c[-4:]:
     case.differs = True
   for i, case in enumerate(c):
     case.inputs = case.inputs or GROUP[case.trl]
@@ -323,8 +342,6 @@ def build_cases() -> list[Case]:
 
 
 NOT_COMPARED = [
-    ("-", "DPOTrainer ld_alpha (LD-DPO)", "jaxalign has no LD-DPO loss"),
-    ("-", "DPOTrainer use_weighting=True (WPO)", "jaxalign has no WPO weighting"),
     ("-", "BCOTrainer (running-mean delta)", "TRL 1.16 ships no BCOTrainer; `bco` is compared against DPO "
      "bco_pair with delta = 0"),
 ]
@@ -337,6 +354,8 @@ def jax_eval(case: Case, d: dict) -> tuple[float, dict]:
   spec = losses.spec(case.loss)
   fn = lambda batch, **kw: spec.fn(batch, **case.params, **kw)[0]  # noqa: E731
   a = {k: jnp.asarray(v) for k, v in d.items()}
+  if case.pair_options:
+    return jax_eval_from_tokens(case, a)
   if case.inputs == "pair":
     n_c, n_r = a["mask_chosen"].sum(1), a["mask_rejected"].sum(1)
     ref_c, ref_r = (jnp.zeros(PAIRS), jnp.zeros(PAIRS)) if case.zero_ref else (a["ref_chosen"], a["ref_rejected"])
@@ -363,6 +382,31 @@ def jax_eval(case: Case, d: dict) -> tuple[float, dict]:
                                advantages=a["advantages"], entropy=a["entropy"]), **kw)
   value, g = jax.value_and_grad(f)(a["logps"])
   return float(value), {"grad": np.asarray(g)}
+
+
+def jax_eval_from_tokens(case: Case, a: dict) -> tuple[float, dict]:
+  """loss.wpo / loss.ld_alpha: the pair statistics from per-token log-probs [B, T] through jaxalign's forward
+  helpers (rows [B, 2, T], one sequence each), the loss through the objective; the gradient with respect to the
+  first token's log-prob of each response (as TRL's runner reads it: that token counts with weight 1)."""
+  wpo, ld_alpha = case.pair_options.get("wpo", False), case.pair_options.get("ld_alpha")
+  mask = jnp.stack([a["mask_chosen"], a["mask_rejected"]], 1).reshape(2 * PAIRS, TOKENS)
+  log_sum_sq = jnp.stack([a["log_sum_sq_chosen"], a["log_sum_sq_rejected"]], 1).reshape(2 * PAIRS, TOKENS)
+  batch = {"segment_ids": jnp.ones((PAIRS, 2, TOKENS), jnp.int32)}
+
+  def loss(tok_c, tok_r):
+    tok = jnp.stack([tok_c, tok_r], 1).reshape(2 * PAIRS, TOKENS)
+    weighted = tok * forward.ld_weights(mask, batch, ld_alpha) if ld_alpha is not None else tok
+    s, n = forward.sequence_sums(weighted, mask, batch)  # [B, 2]
+    stats = PairStats(s[:, 0], s[:, 1], a["ref_chosen"], a["ref_rejected"], n[:, 0], n[:, 1])
+    if not wpo:
+      return losses.spec(case.loss).fn(stats, **case.params)[0]
+    log_w = forward.wpo_log_weights(tok, log_sum_sq, mask, batch)  # [B, 2]
+    stats = stats._replace(weight=jnp.exp(jnp.sum(log_w, axis=1)))
+    counts = {"num_pairs": PAIRS, "num_tokens": jnp.sum(n[:, 0])}
+    return weighted_pair_loss(case.loss, stats, case.params, counts)[0]
+
+  value, (g_c, g_r) = jax.value_and_grad(loss, argnums=(0, 1))(a["tok_chosen"], a["tok_rejected"])
+  return float(value), {"grad_chosen": np.asarray(g_c[:, 0]), "grad_rejected": np.asarray(g_r[:, 0])}
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -325,6 +325,9 @@ class LossConfig:
   # LD-DPO (Liu et al. 2024, arXiv:2409.06411; TRL's ld_alpha): a pair's summed log-probs (policy and reference)
   # weight the tokens past the shorter response's length by this, in [0, 1] (null: plain sums).
   ld_alpha: float | None = None
+  # WPO (Zhou et al. 2024, arXiv:2406.11827; TRL's use_weighting): each pair's loss term weighted by
+  # exp(mean_t [log p(y_t) - log sum_v p_v^2]) of both responses under the policy, without gradient.
+  wpo: bool = False
 
   def __post_init__(self):
     if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:

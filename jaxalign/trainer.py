@@ -20,9 +20,8 @@ from jaxalign import losses, resume, sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
 from jaxalign.algorithms.forward import example_logps
-from jaxalign.algorithms.objectives import OFFLINE_ALGORITHMS, Objective, objective_for
-from jaxalign.algorithms.step import (StepFns, TrainState, combine_metrics, init_loss_state, init_opt_state,
-                                      make_eval_step,
+from jaxalign.algorithms.objectives import OFFLINE_ALGORITHMS, Objective, combine_metrics, objective_for
+from jaxalign.algorithms.step import (StepFns, TrainState, init_loss_state, init_opt_state, make_eval_step,
                                       make_optimizer, make_schedule, make_train_step, skipped_updates)
 from jaxalign.checkpoint import Checkpointer, CheckpointError
 from jaxalign.config import ConfigError, TrainConfig, coerce, to_dict
@@ -209,7 +208,7 @@ def objective_of(cfg: TrainConfig) -> Objective:
     return Objective(algorithm.loss, algorithm.data_format, False, uses_reference, stats=None, step_counts=None)
   try:
     params = loss_params(cfg.loss.name, cfg.loss.params)
-    return objective_for(cfg.algorithm, cfg.loss.name, params, cfg.loss.ld_alpha)
+    return objective_for(cfg.algorithm, cfg.loss.name, params, cfg.loss.ld_alpha, cfg.loss.wpo)
   except KeyError as error:  # an unknown loss name
     raise ConfigError(f"loss.name: {error.args[0]}") from None
   except ValueError as error:
@@ -254,6 +253,8 @@ def check_combination(cfg: TrainConfig, objective: Objective) -> None:
                       f"optim.grad_accum={cfg.optim.grad_accum} must be 1 with it")
   if online_run and cfg.loss.ld_alpha is not None:
     raise ConfigError(f"loss.ld_alpha (LD-DPO) applies to offline pairwise losses, not algorithm={cfg.algorithm}")
+  if online_run and cfg.loss.wpo:
+    raise ConfigError(f"loss.wpo (WPO) applies to offline pairwise losses, not algorithm={cfg.algorithm}")
   if online_run and cfg.optim.grad_accum != 1:
     raise ConfigError("optim.grad_accum applies to offline algorithms; online ones use rl.minibatches")
   if cfg.model.attention_impl == "cudnn" and (cfg.data.packing or online_run):

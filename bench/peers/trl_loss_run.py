@@ -89,13 +89,15 @@ ORPO_F64 = patched(orpo_trainer.ORPOTrainer, "odds_ratio_loss", [
 class LogProbModel:
   """Stand-in causal LM for DPO / KTO / SFT: returns fixed per-token log-probs (by input_ids identity)."""
 
-  def __init__(self, outputs):
+  def __init__(self, outputs, log_sum_sq=None):
     self.outputs = outputs  # id(input_ids) -> log_probs [N, T]
+    self.log_sum_sq = log_sum_sq  # log sum_v p_v^2 [N, T] at every position (WPO), or None
 
   def __call__(self, input_ids, labels=None, **kwargs):
     lp = self.outputs[id(input_ids)]
     zeros = torch.zeros_like(lp.detach())
     return types.SimpleNamespace(log_probs=lp, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool(),
+                                 log_sum_sq_probs=self.log_sum_sq,
                                  label_mask=(labels != -100)[:, 1:] if labels is not None else None)
 
 
@@ -116,14 +118,16 @@ def run_dpo(d, opts, f32=False, fn=None):
             "ref_chosen_logps": torch.tensor(d["ref_chosen"], dtype=dtype),
             "ref_rejected_logps": torch.tensor(d["ref_rejected"], dtype=dtype)}
   loss_types = opts["loss_type"]
-  self = stand_in(precompute_ref_logps=True, ld_alpha=None, beta=opts.get("beta", 0.1),
+  self = stand_in(precompute_ref_logps=True, ld_alpha=opts.get("ld_alpha"), beta=opts.get("beta", 0.1),
                   f_divergence_type=opts.get("f_divergence_type", "reverse_kl"),
                   f_alpha_divergence_coef=opts.get("f_alpha_divergence_coef", 0.5), loss_types=loss_types,
                   loss_weights=opts.get("loss_weights", [1.0] * len(loss_types)),
-                  label_smoothing=opts.get("label_smoothing", 0.0), use_weighting=False,
+                  label_smoothing=opts.get("label_smoothing", 0.0),
+                  use_weighting=opts.get("use_weighting", False),
                   args=types.SimpleNamespace(discopop_tau=opts.get("discopop_tau", 0.05),
                                              gradient_checkpointing_kwargs=None))
-  model = LogProbModel({id(input_ids): tok * mask})
+  log_sum_sq = torch.tensor(np.concatenate([d["log_sum_sq_chosen"], d["log_sum_sq_rejected"]]), dtype=dtype)
+  model = LogProbModel({id(input_ids): tok * mask}, log_sum_sq)
   loss = (fn or dpo_trainer.DPOTrainer._compute_loss)(self, model, inputs, False)
   loss.backward()
   b = d["tok_chosen"].shape[0]

@@ -25,25 +25,29 @@ def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 
 
 def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "auto",
-                return_entropy: bool = False, logit_floor: jax.Array | None = None):
+                return_entropy: bool = False, return_log_sum_sq: bool = False,
+                logit_floor: jax.Array | None = None):
   """Per-token log-probs [R, T-1] of the batch's responses (0 off the mask), and the mask [R, T-1].
 
-  With return_entropy, also the predictive entropy [R, T-1] at every position. `logit_floor` [R, T-1]
-  renormalises each position over the tokens whose tempered logit reaches it (what a top-k / top-p sampler
-  drew from; -inf: the full distribution), see `ops.token_logprobs`.
+  With return_entropy, also the predictive entropy [R, T-1] at every position; with return_log_sum_sq, then
+  log sum_v p_v^2 [R, T-1] (no gradient). `logit_floor` [R, T-1] renormalises each position over the tokens
+  whose tempered logit reaches it (what a top-k / top-p sampler drew from; -inf: the full distribution), see
+  `ops.token_logprobs`.
   """
   targets, mask = loss_targets(batch)
   hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])[:, :-1]  # [R, T-1, D]
-  return _with_mask(_head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor), mask)
+  out = _head_logps(model, hidden, targets, temperature, impl, logit_floor, return_entropy=return_entropy,
+                    return_log_sum_sq=return_log_sum_sq)
+  return _with_mask(out, mask)
 
 
 def shared_prompt_token_logps(model, batch: dict, prompt_length: int, group: int, *, temperature: float = 1.0,
-                              impl: str = "auto", return_entropy: bool = False,
+                              impl: str = "auto", return_entropy: bool = False, return_log_sum_sq: bool = False,
                               logit_floor: jax.Array | None = None):
   """`token_logps` at the completion targets of rows [R, T] whose first `prompt_length` (P) tokens are a
   left-padded prompt shared by `group` consecutive rows (a GRPO group): each prompt runs through the model
   once (`CausalLM.shared_prefix_hidden_states`), not `group` times. Equal to `token_logps(...)[..., P-1:]`:
-  log-probs [R, T-P] of tokens P .. T-1, their mask (, entropies); logit_floor [R, T-P].
+  log-probs [R, T-P] of tokens P .. T-1, their mask (, entropies, log sum p^2); logit_floor [R, T-P].
   """
   targets, mask = (x[:, prompt_length - 1:] for x in loss_targets(batch))
   ids, seg = batch["input_ids"], batch["segment_ids"]
@@ -52,26 +56,27 @@ def shared_prompt_token_logps(model, batch: dict, prompt_length: int, group: int
                                                          seg[:, prompt_length:])
   # Token P is predicted from the prompt's last position, token P + j from the completion's position j - 1.
   hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], group, axis=0), hidden_s[:, :-1]], axis=1)
-  return _with_mask(_head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor), mask)
+  out = _head_logps(model, hidden, targets, temperature, impl, logit_floor, return_entropy=return_entropy,
+                    return_log_sum_sq=return_log_sum_sq)
+  return _with_mask(out, mask)
 
 
 def _with_mask(out, mask):
-  """(logps, mask) or (logps, mask, entropy) from the head's logps or (logps, entropy)."""
-  return (out[0], mask, out[1]) if isinstance(out, tuple) else (out, mask)
+  """(logps, mask, *extras) from the head's (logps, *extras)."""
+  return (out[0], mask, *out[1:])
 
 
-def _head_logps(model, hidden, targets, temperature, impl, return_entropy, logit_floor):
-  """The LM head's log-probs of targets [R, W] at hidden states [R, W, D] (and entropies [R, W])."""
+def _head_logps(model, hidden, targets, temperature, impl, logit_floor, **extras):
+  """The LM head's log-probs of targets [R, W] at hidden states [R, W, D], then the extras asked for (entropies,
+  log sum p^2 [R, W]; `ops.token_logprobs`), as a tuple."""
   r, t, d = hidden.shape
   # The head in the compute dtype, like every other weight: a float32-master policy and its compute-dtype
   # frozen reference then give identical log-probs at identical weights.
   weight = model.head_weight().astype(hidden.dtype)
   floor = None if logit_floor is None else logit_floor.reshape(-1)
   out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1), temperature=temperature,
-                           logit_floor=floor, return_entropy=return_entropy, impl=impl)
-  if return_entropy:
-    return out[0].reshape(r, t), out[1].reshape(r, t)
-  return out.reshape(r, t)
+                           logit_floor=floor, impl=impl, **extras)
+  return tuple(x.reshape(r, t) for x in (out if isinstance(out, tuple) else (out,)))
 
 
 def packing_index(batch: dict, prefix: str = "") -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -115,22 +120,35 @@ def prompt_sharing(num_rows: int, group: int) -> int:
 
 
 def example_logps(model, batch: dict, prefix: str = "", *, ld_alpha: float | None = None,
-                  **kwargs) -> tuple[jax.Array, jax.Array]:
+                  wpo: bool = False, **kwargs) -> tuple[jax.Array, ...]:
   """Summed response log-probs S [E...] and response token counts n [E...] (>= 1) of every sequence of a
   padded or packed batch (E... its examples: [B, C] for pairs and lists, [B] for single responses).
   A shared-prompt batch (`prompt_mask` [B, P]: rows of the prompt left-padded to P, then a response) runs
   each prompt once. ld_alpha (pairs [B, 2]): LD-DPO's sums, the tokens past the shorter response's length
-  weighted by ld_alpha (`ld_weights`)."""
+  weighted by ld_alpha (`ld_weights`). wpo: also WPO's log-weight of each sequence [E...] (`wpo_log_weights`),
+  from the same pass."""
   view, prompt = rows(batch, prefix), batch.get(prefix + "prompt_mask")
   sharing = 1 if prompt is None else prompt_sharing(view["input_ids"].shape[0], batch[prefix + "input_ids"].shape[-2])
   if sharing > 1:
-    logps, mask = shared_prompt_token_logps(model, view, prompt.shape[-1], sharing, **kwargs)
+    logps, mask, *extra = shared_prompt_token_logps(model, view, prompt.shape[-1], sharing,
+                                                    return_log_sum_sq=wpo, **kwargs)
   else:
-    logps, mask = token_logps(model, view, **kwargs)
+    logps, mask, *extra = token_logps(model, view, return_log_sum_sq=wpo, **kwargs)
+  log_w = [wpo_log_weights(logps, extra[0], mask, batch, prefix)] if wpo else []
   if ld_alpha is not None:
     logps = logps * ld_weights(mask, batch, ld_alpha, prefix)
   s, n = sequence_sums(logps, mask, batch, prefix)
-  return s, jnp.maximum(n, 1.0)
+  return s, jnp.maximum(n, 1.0), *log_w
+
+
+def wpo_log_weights(logps: jax.Array, log_sum_sq: jax.Array, mask: jax.Array, batch: dict,
+                    prefix: str = "") -> jax.Array:
+  """WPO's log-weight of each sequence [E...] (Zhou et al. 2024, arXiv:2406.11827, Eq. 2, in TRL's
+  `use_weighting` form): the mean over its response tokens of log p(y_t) - log sum_v p_v^2, the token's
+  probability relative to the distribution's own collision probability. No gradient. logps, log_sum_sq, mask
+  [R, W] as `token_logps` returns them."""
+  s, n = sequence_sums(jax.lax.stop_gradient(logps - log_sum_sq), mask, batch, prefix)
+  return s / jnp.maximum(n, 1.0)
 
 
 def ld_weights(mask: jax.Array, batch: dict, ld_alpha: float, prefix: str = "") -> jax.Array:

@@ -47,6 +47,8 @@ class Objective:
 
   def loss(self, stats, counts: dict, params: dict):
     """(loss share of this micro-batch, metrics). Shares sum to the step loss over micro-batches."""
+    if getattr(stats, "weight", None) is not None:
+      return weighted_pair_loss(self.loss_name, stats, params, counts)
     return call_loss(self.loss_name, stats, params, counts)
 
 
@@ -55,6 +57,32 @@ def call_loss(name: str, stats, params: dict, counts: dict):
   fn = losses.get(name)
   accepted = inspect.signature(fn).parameters
   return fn(stats, **params, **{k: v for k, v in counts.items() if k in accepted})
+
+
+def weighted_pair_loss(name: str, stats: losses.PairStats, params: dict, counts: dict):
+  """sum_b w_b l_b: loss `name` with each pair's term weighted by `stats.weight` [B] (WPO; TRL multiplies its
+  per-sequence losses the same way). A loss that sums over micro-batches (`exact_accumulation`) is a sum of
+  per-pair terms over the step's counts, so l_b is its value on pair b alone, given those counts; the
+  one-pair metrics combine as micro-batch metrics do (`combine_metrics`). Adds `wpo/weight`, the mean
+  weight."""
+  weight = stats.weight
+  counts = {"num_pairs": weight.shape[0], **counts}
+  one_pair = lambda pair: call_loss(name, jax.tree.map(lambda x: x[None], pair), params, counts)
+  per_pair, metrics = jax.vmap(one_pair)(stats._replace(weight=None))  # [B], {name: [B]}
+  loss = jnp.sum(weight * per_pair)
+  return loss, {**combine_metrics(metrics), "loss": loss, "wpo/weight": jnp.mean(weight)}
+
+
+def is_share(key: str) -> bool:
+  """Whether a loss metric is a micro-batch's share of a step-level quantity (divided by the step's counts, so
+  the shares add up): the loss, its named parts ("*_loss") and the numerators of token-normalised ones."""
+  return key in ("loss", "numerator", "nll_per_token") or key.endswith(("_loss", "/loss", "/numerator"))
+
+
+def combine_metrics(per_micro: dict) -> dict:
+  """Step metrics from micro-batch metrics stacked on axis 0: shares (`is_share`) added, the rest (per-example
+  means over equal micro-batches, step-level denominators) averaged."""
+  return {k: (jnp.sum if is_share(k) else jnp.mean)(v, axis=0) for k, v in per_micro.items()}
 
 
 def eval_metrics(stats, counts: dict) -> dict:
@@ -111,17 +139,22 @@ def _policy_and_reference(policy, reference, batch, prefix="", **op):
   return s, n, s_ref
 
 
-def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, **op):
+def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, wpo=False, **op):
   """PairStats of a batch; prompt: also the chosen prompts' log-probs (ORPO's NLL on prompt and completion);
-  ld_alpha: LD-DPO's sums for policy and reference alike (`forward.ld_weights`)."""
+  ld_alpha: LD-DPO's sums for policy and reference alike (`forward.ld_weights`); wpo: WPO's pair weights
+  exp(log w(y_w) + log w(y_l)) from the policy's pass (`forward.wpo_log_weights`)."""
   if ld_alpha is not None:
     op = {**op, "ld_alpha": ld_alpha}
+  extra = {}
   if prompt:
     s, n, s_prompt, n_prompt = example_and_prompt_logps(policy, batch, **op)
-    prompt_fields = {"prompt_chosen": s_prompt.reshape(-1, 2)[:, 0], "n_prompt": n_prompt.reshape(-1, 2)[:, 0]}
-    s_ref = frozen(example_logps, reference, batch, **op)[0] if reference is not None else None
+    extra = {"prompt_chosen": s_prompt.reshape(-1, 2)[:, 0], "n_prompt": n_prompt.reshape(-1, 2)[:, 0]}
+  elif wpo:
+    s, n, log_w = example_logps(policy, batch, wpo=True, **op)
+    extra = {"weight": jnp.exp(jnp.sum(log_w.reshape(-1, 2), axis=-1))}
   else:
-    (s, n, s_ref), prompt_fields = _policy_and_reference(policy, reference, batch, **op), {}
+    s, n = example_logps(policy, batch, **op)
+  s_ref = frozen(example_logps, reference, batch, **op)[0] if reference is not None else None
   s, n = s.reshape(-1, 2), n.reshape(-1, 2)
   s_ref = batch["ref_logps"] if s_ref is None and "ref_logps" in batch else s_ref
   ref = (None, None) if s_ref is None else (s_ref.reshape(-1, 2)[:, 0], s_ref.reshape(-1, 2)[:, 1])
@@ -129,7 +162,7 @@ def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, **op):
   score = (None, None) if "scores" not in batch else (batch["scores"][..., 0], batch["scores"][..., 1])
   return losses.PairStats(policy_chosen=s[:, 0], policy_rejected=s[:, 1], ref_chosen=ref[0], ref_rejected=ref[1],
                           n_chosen=n[:, 0], n_rejected=n[:, 1], score_chosen=score[0], score_rejected=score[1],
-                          **prompt_fields)
+                          **extra)
 
 
 def pair_counts(batch):
@@ -210,10 +243,11 @@ _BY_INPUT = {  # how each input type is computed from a batch: (stats, step coun
 
 
 def objective_for(algorithm: str, loss_name: str, params: dict | None = None,
-                  ld_alpha: float | None = None) -> Objective:
+                  ld_alpha: float | None = None, wpo: bool = False) -> Objective:
   """The Objective of `algorithm` (sft | reward | preference) trained with registered loss `loss_name` and
   `params` (`loss.params`); what it needs (data format, reference, statistics) comes from the loss's
-  registration (`losses.spec`). ld_alpha: LD-DPO's length-desensitised sums for a pairwise policy loss."""
+  registration (`losses.spec`). ld_alpha: LD-DPO's length-desensitised sums for a pairwise policy loss; wpo:
+  WPO's weighted pairs (`weighted_pair_loss`) for one that sums over pairs."""
   spec = losses.spec(loss_name)
   if algorithm == "sft":
     if spec.data_format != "sft":
@@ -230,11 +264,18 @@ def objective_for(algorithm: str, loss_name: str, params: dict | None = None,
   stats, counts = _BY_INPUT[spec.inputs]
   if "prompt_chosen" in spec.reads(params or {}):
     stats = functools.partial(stats, prompt=True)
+  response_pairs = (spec.inputs is losses.PairStats and not spec.reward_model
+                    and "prompt_chosen" not in spec.reads(params or {}))
   if ld_alpha is not None:
-    if spec.inputs is not losses.PairStats or spec.reward_model or "prompt_chosen" in spec.reads(params or {}):
+    if not response_pairs:
       raise ValueError(f"loss.ld_alpha (LD-DPO) applies to pairwise policy losses on the response tokens; "
                        f"loss '{loss_name}' is not one")
     stats = functools.partial(stats, ld_alpha=ld_alpha)
+  if wpo:
+    if not (response_pairs and spec.exact_accumulation):
+      raise ValueError(f"loss.wpo (WPO) weighs each pair's term of a pairwise policy loss on the response tokens; "
+                       f"loss '{loss_name}' is not one{' (it sorts the batch)' * response_pairs}")
+    stats = functools.partial(stats, wpo=True)
   prepass = kto_reference_point if "z0" in spec.step_inputs else None
   return Objective(loss_name, spec.data_format, spec.reward_model, spec.uses_reference(params or {}),
                    stats, counts, prepass, spec.running)

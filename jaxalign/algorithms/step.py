@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from jaxalign.algorithms import lora as lora_lib
-from jaxalign.algorithms.objectives import Objective, eval_metrics
+from jaxalign.algorithms.objectives import Objective, combine_metrics, eval_metrics
 from jaxalign.config import OptimConfig
 
 
@@ -131,18 +131,6 @@ class StepFns:
 
   def micro_loss(self, trainable, frozen_params, batch, counts):
     return self.objective.loss(self.stats(trainable, frozen_params, batch), counts, self.loss_params)
-
-
-def is_share(key: str) -> bool:
-  """Whether a loss metric is a micro-batch's share of a step-level quantity (divided by the step's counts, so
-  the shares add up): the loss, its named parts ("*_loss") and the numerators of token-normalised ones."""
-  return key in ("loss", "numerator", "nll_per_token") or key.endswith(("_loss", "/loss", "/numerator"))
-
-
-def combine_metrics(per_micro: dict) -> dict:
-  """Step metrics from micro-batch metrics stacked on axis 0: shares (`is_share`) added, the rest (per-example
-  means over equal micro-batches, step-level denominators) averaged."""
-  return {k: (jnp.sum if is_share(k) else jnp.mean)(v, axis=0) for k, v in per_micro.items()}
 
 
 def make_train_step(fns: StepFns):

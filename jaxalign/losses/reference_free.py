@@ -86,8 +86,8 @@ def simpo_loss(batch: PairStats, *, beta: float = 2.0, gamma: float = 0.5,
 
 
 def alphapo_loss(batch: PairStats, *, beta: float = 2.5, gamma: float = 0.1, reward_alpha: float = 0.25,
-                 label_smoothing: float = 0.0,
-                 num_pairs: Optional[Array] = None) -> tuple[Array, dict]:
+                 label_smoothing: float = 0.0, num_pairs: Optional[Array] = None,
+                 num_tokens: Optional[Array] = None) -> tuple[Array, dict]:
   """AlphaPO, Gupta et al. 2025 (arXiv:2501.03884), TRL CPOTrainer `loss_type="alphapo"`.
 
   SimPO with the reward shape r = (1 - exp(-alpha A)) / alpha on average log-probs A = S / n
@@ -97,7 +97,7 @@ def alphapo_loss(batch: PairStats, *, beta: float = 2.5, gamma: float = 0.1, rew
   beta 2.5, gamma 0.1); tune per model. Rewards in the metrics are beta * r.
   """
   return simpo_loss(batch, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
-                    reward_alpha=reward_alpha, num_pairs=num_pairs)
+                    reward_alpha=reward_alpha, num_pairs=num_pairs, num_tokens=num_tokens)
 
 
 def log1mexp(x: Array) -> Array:

@@ -34,6 +34,7 @@ class PairStats(NamedTuple):
   score_rejected: Optional[Array] = None  # external score R_hat(x, y_l)             [B]
   prompt_chosen: Optional[Array] = None  # summed log-probs of the prompt's own tokens (ORPO's NLL option) [B]
   n_prompt: Optional[Array] = None       # the prompt's predicted tokens (all but its first)               [B]
+  weight: Optional[Array] = None  # per-pair loss weight (WPO; no gradient), applied by the objective, not the loss [B]
 
 
 class UnpairedStats(NamedTuple):

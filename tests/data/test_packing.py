@@ -224,12 +224,14 @@ def test_shared_prompt_rows_hold_the_prompt_left_padded_then_the_response():
   assert "prompt_mask" not in collate_multi(long_prompt, BUCKETS, share_prompt=True)
 
 
-@pytest.mark.parametrize("loss, responses, mesh_shape", [("dpo", 2, None), ("dpo_pl", 3, None), ("dpo", 2, (2, 2, 1))])
-def test_shared_prompt_loss_and_gradients_equal_the_padded_batch(loss, responses, mesh_shape):
+@pytest.mark.parametrize("loss, responses, mesh_shape, wpo", [("dpo", 2, None, False), ("dpo_pl", 3, None, False),
+                                                              ("dpo", 2, (2, 2, 1), True)])
+def test_shared_prompt_loss_and_gradients_equal_the_padded_batch(loss, responses, mesh_shape, wpo):
+  """Statistics (WPO's pair weights too), loss and gradients of the shared-prompt layout equal the padded one's."""
   data = examples(8, responses, seed=4, scored=responses > 2)
   padded, shared = collate_multi(data, BUCKETS), collate_multi(data, BUCKETS, share_prompt=True)
   assert "prompt_mask" in shared
-  objective = objective_for("preference", loss)
+  objective = objective_for("preference", loss, wpo=wpo)
   if mesh_shape:  # 2 pairs per shard: the prompts split over the shards as their rows do
     mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape), jax.devices()[:4])
     padded, shared = (jax.device_put(b, sharding.batch_sharding(mesh, 1)) for b in (padded, shared))

@@ -229,31 +229,117 @@ def test_ld_dpo_sums_weight_the_tokens_past_the_shorter_response(stage, packing)
   alpha = 0.3
   cfg = stage(algorithm="preference", loss__name="dpo", data__format="preference", loss__ld_alpha=alpha,
               data__packing=packing, data__share_prompt=False)
-  run = build_run(cfg)
-  batch = run.eval_data.epoch_batches()[0]
+  run, batch, stats = stats_of_a_moved_policy(cfg)
   assert ("pack_row" in batch) == packing
-  run.state = run.state._replace(trainable=jax.tree.map(lambda x: x * 1.05, run.state.trainable))  # policy != ref
-  stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0))
   unequal = 0
   for params, got in ((run.state.trainable, (stats.policy_chosen, stats.policy_rejected)),
                       (run.frozen["reference"], (stats.ref_chosen, stats.ref_rejected))):
-    model = nnx.merge(run.fns.graphdef, params)
-    ids, seg, loss_mask = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "segment_ids", "loss_mask"))
-    logits = np.asarray(model(ids, segment_ids=seg), np.float64)
-    logp = logits - logits.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    tokens = {}  # (row, segment) -> the response's token log-probs in order
-    for r in range(len(ids)):
-      for t in range(1, ids.shape[1]):
-        if seg[r, t] != 0 and seg[r, t] == seg[r, t - 1] and loss_mask[r, t]:
-          tokens.setdefault((r, seg[r, t]), []).append(logp[r, t - 1, ids[r, t]])
-    where = (lambda b, c: (batch["pack_row"][b, c], batch["pack_segment"][b, c])) if packing else (
-        lambda b, c: (2 * b + c, 1))
-    for b in range(batch["input_ids" if not packing else "pack_row"].shape[0]):
-      pair = [tokens[tuple(int(v) for v in where(b, c))] for c in (0, 1)]
+    for b, pair in enumerate(response_tokens(nnx.merge(run.fns.graphdef, params), batch)):
+      pair = [[lp for lp, _ in response] for response in pair]
       shared = min(len(p) for p in pair)
       unequal += len(pair[0]) != len(pair[1])
       want = [sum(p[:shared]) + alpha * sum(p[shared:]) for p in pair]
       np.testing.assert_allclose([float(got[0][b]), float(got[1][b])], want, rtol=2e-5)
   assert unequal > 0  # pairs of unequal lengths: LD-DPO's sums differ from the plain ones there
-  assert_trains(*run_steps(cfg))
+  if packing:  # the layouts' statistics agree above: one of them trains
+    assert_trains(*run_steps(cfg))
+
+
+def stats_of_a_moved_policy(cfg):
+  """(run, its first held-out batch, the jitted PairStats of that batch) with the policy moved off the reference."""
+  run = build_run(cfg)
+  batch = run.eval_data.epoch_batches()[0]
+  run.state = run.state._replace(trainable=jax.tree.map(lambda x: x * 1.05, run.state.trainable))  # policy != ref
+  stats = jax.jit(run.fns.stats)(run.state.trainable, run.frozen, put_batch(batch, run.mesh, run.cfg.mesh.rules, 0))
+  return run, batch, stats
+
+
+def response_tokens(model, batch):
+  """Float64 from the model's full logits: for each pair of a padded, shared-prompt or packed batch, its chosen
+  and rejected responses' tokens in order as (log p(y_t), log sum_v p_v^2)."""
+  ids, seg, loss_mask = (batch[k].reshape(-1, batch[k].shape[-1]) for k in ("input_ids", "segment_ids", "loss_mask"))
+  logits = np.asarray(model(ids, segment_ids=seg), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  log_sum_sq = np.log(np.exp(2 * logp).sum(-1))
+  tokens = {}  # (row, segment) -> the response's tokens in order
+  for r in range(len(ids)):
+    for t in range(1, ids.shape[1]):
+      if seg[r, t] != 0 and seg[r, t] == seg[r, t - 1] and loss_mask[r, t]:
+        tokens.setdefault((r, seg[r, t]), []).append((logp[r, t - 1, ids[r, t]], log_sum_sq[r, t - 1]))
+  packed = "pack_row" in batch
+  where = (lambda b, c: (batch["pack_row"][b, c], batch["pack_segment"][b, c])) if packed else (
+      lambda b, c: (2 * b + c, 1))
+  pairs = batch["pack_row" if packed else "input_ids"].shape[0]
+  return [[tokens[tuple(int(v) for v in where(b, c))] for c in (0, 1)] for b in range(pairs)]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_wpo_weights_each_pair_by_its_responses_sharpness(stage, packing):
+  """WPO (loss.wpo): pair b's weight is exp(sum over its two responses of the mean over response tokens of
+  log p(y_t) - log sum_v p_v^2) under the policy, against float64 from the model's logits (padded and packed
+  rows; shared-prompt ones in tests/data/test_packing.py), and its loss term is weighted by it:
+  sum_b w_b -logsig(beta h_b) / B, h from the statistics."""
+  from flax import nnx
+
+  cfg = stage(algorithm="preference", loss__name="dpo", data__format="preference", loss__wpo=True,
+              data__packing=packing)
+  run, batch, stats = stats_of_a_moved_policy(cfg)
+  assert ("pack_row" in batch) == packing
+  want = [np.exp(sum(np.mean([lp - lsq for lp, lsq in response]) for response in pair))
+          for pair in response_tokens(nnx.merge(run.fns.graphdef, run.state.trainable), batch)]
+  np.testing.assert_allclose(np.asarray(stats.weight), want, rtol=2e-5)
+  assert np.ptp(want) > 1e-3 * np.max(want)  # pairs weigh differently
+  h = np.float64(stats.policy_chosen - stats.ref_chosen) - np.float64(stats.policy_rejected - stats.ref_rejected)
+  beta = run.fns.loss_params.get("beta", 0.1)
+  loss, metrics = run.fns.objective.loss(stats, {"num_pairs": len(want)}, run.fns.loss_params)
+  np.testing.assert_allclose(float(loss), np.sum(np.array(want) * np.logaddexp(0, -beta * h)) / len(want), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["wpo/weight"]), np.mean(want), rtol=2e-5)
+  if not packing:  # the weights move with the policy, so the weighted loss need not fall: the margin does
+    before, after, moved = run_steps(cfg)
+    assert after["rewards/margins"] > before["rewards/margins"] and all(moved), (before, after)
+
+
+def pair_stats_for_every_field(seed: int, pairs: int = 6) -> losses.PairStats:
+  """Random PairStats [B] with every field a pairwise loss may read (log-probs, lengths, scores, prompt NLL)."""
+  rng = np.random.default_rng(seed)
+  logps = lambda: -rng.uniform(2.0, 12.0, pairs)
+  n = lambda: rng.integers(2, 9, pairs).astype(np.float64)
+  return losses.PairStats(policy_chosen=logps(), policy_rejected=logps(), ref_chosen=logps(), ref_rejected=logps(),
+                          n_chosen=n(), n_rejected=n(), score_chosen=rng.normal(size=pairs),
+                          score_rejected=rng.normal(size=pairs), prompt_chosen=logps(), n_prompt=n())
+
+
+EXACT_PAIRWISE = sorted(n for n in losses.available() if losses.input_type(n) is losses.PairStats
+                        and not losses.spec(n).reward_model and losses.spec(n).exact_accumulation)
+
+
+@pytest.mark.parametrize("loss_name", EXACT_PAIRWISE + ["0.8*dpo + 0.2*bco + chosen_nll"])
+def test_weighted_pair_loss_with_unit_weights_is_the_loss(loss_name):
+  """`weighted_pair_loss` takes a loss's per-pair terms as its value on one pair with the step's counts; with
+  every weight 1 that must give the loss itself and its metrics, for every pairwise loss that sums over pairs
+  (a loss reading the whole batch would not). Halving one pair's weight lowers the loss by half its term."""
+  from jaxalign.algorithms.objectives import call_loss, weighted_pair_loss
+
+  stats = jax.tree.map(np.float32, pair_stats_for_every_field(len(loss_name)))
+  counts = {"num_pairs": 6.0, "num_tokens": float(np.sum(stats.n_chosen)), "num_prompt_tokens": 21.0}
+  params = {"tau": 0.2} if loss_name == "discopop" else {}
+  want, want_metrics = call_loss(loss_name, stats, params, counts)
+  got, metrics = weighted_pair_loss(loss_name, stats._replace(weight=np.ones(6, np.float32)), params, counts)
+  np.testing.assert_allclose(float(got), float(want), rtol=2e-6, atol=1e-7)
+  assert set(metrics) == set(want_metrics) | {"wpo/weight"}
+  for key, value in want_metrics.items():
+    np.testing.assert_allclose(float(metrics[key]), float(value), rtol=2e-5, atol=1e-6, err_msg=key)
+  alone, _ = call_loss(loss_name, jax.tree.map(lambda x: x[2:3], stats), params, counts)
+  halved, _ = weighted_pair_loss(loss_name, stats._replace(weight=np.where(np.arange(6) == 2, 0.5, 1.0)), params,
+                                 counts)
+  np.testing.assert_allclose(float(halved), float(want) - 0.5 * float(alone), rtol=2e-5, atol=1e-6)
+
+
+def test_wpo_is_refused_where_pairs_cannot_be_weighted(stage):
+  from jaxalign.config import ConfigError
+
+  for loss_name, why in (("aot", "it sorts the batch"), ("kto", "is not one")):
+    fmt = "unpaired" if loss_name == "kto" else "preference"
+    with pytest.raises(ConfigError, match=why):
+      build_run(stage(algorithm="preference", loss__name=loss_name, data__format=fmt, loss__wpo=True))
