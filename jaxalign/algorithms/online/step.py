@@ -182,10 +182,12 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
   rl, algorithm = ctx.rl, ctx.algorithm
   num = jax.tree.leaves(units)[0].shape[0]
   size = num // rl.minibatches
-  if rl.minibatches == 1 and algorithm.units_keep_groups:
-    # Every pass takes all units, whose order the loss does not depend on: the rollout's, groups whole.
+  whole = rl.minibatches == 1 and algorithm.units_keep_groups
+  if whole:
+    # Every pass takes all units, whose order the loss does not depend on: the rollout's, groups whole, as they
+    # are (no gather); the scan only counts the epochs.
     ctx = ctx.with_shared_prompts()
-    order = jnp.tile(jnp.arange(num), (rl.epochs, 1))
+    order = jnp.arange(rl.epochs)
   else:
     keys = jax.random.split(key, rl.epochs)
     order = jnp.concatenate([jax.random.permutation(k, num)[:size * rl.minibatches] for k in keys])
@@ -199,7 +201,8 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
   def one_step(carry, index):
     trainable, opt_state = carry
     gradient = jax.value_and_grad(loss_fn, has_aux=True)
-    ((_, metrics), grads), packing = packed_or_padded(lambda unit: gradient(trainable, unit), take(units, index),
+    minibatch = units if whole else take(units, index)
+    ((_, metrics), grads), packing = packed_or_padded(lambda unit: gradient(trainable, unit), minibatch,
                                                       rl.pack_ratio, rl.pack_length)
     updates, opt_state = ctx.fns.tx.update(grads, opt_state, trainable)
     metrics["grad_norm"] = optax.tree.norm(grads)
