@@ -21,6 +21,11 @@ A logit floor (optional [N] float32 input, a (bn,) block like the targets) sets 
 below it, bar the target, to NEG as well (see `xla_chunked.floor_mask`); without one the
 kernels take no floor input and do no masking.
 
+A logit soft-cap (static) makes both kernels use z = cap * tanh(x / cap) / T for the raw tile
+x = h @ w (`xla_chunked.soft_cap`, in registers), and the grad kernel multiplies its tile by
+1 - tanh(x / cap)^2 (`xla_chunked.soft_cap_slope`; the 1 / T is in the row coefficients).
+Without one (None) the kernels compute no tanh.
+
 `jax.export(..., platforms=["cuda"])` lowers these on a machine without a GPU when an abstract
 CUDA device is in scope (see `abstract_cuda_mesh`).
 """
@@ -59,8 +64,9 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
 
 
-def _tile_logits(h_ref, w_ref, c0, *, d, bk, bv, inv_t):
-  """[bn, bv] tempered logits of columns [c0, c0 + bv) of the blocks, summed over D."""
+def _tile_logits(h_ref, w_ref, c0, *, d, bk, bv, inv_t, softcap):
+  """[bn, bv] tempered logits of columns [c0, c0 + bv) of the blocks, summed over D, and the
+  capped raw logits (None without a soft-cap): z = soft_cap(x) / T."""
   bn = h_ref.shape[0]
   prec = _precision(h_ref.dtype)
 
@@ -72,7 +78,10 @@ def _tile_logits(h_ref, w_ref, c0, *, d, bk, bv, inv_t):
     return acc + jnp.dot(h, w, preferred_element_type=jnp.float32, precision=prec)
 
   acc = lax.fori_loop(0, pl.cdiv(d, bk), body, jnp.zeros((bn, bv), jnp.float32))
-  return acc * inv_t
+  if softcap is None:
+    return acc * inv_t, None
+  capped = xla_chunked.soft_cap(acc, softcap)
+  return capped * inv_t, capped
 
 
 def _floor_ref(refs, has_floor):
@@ -86,7 +95,7 @@ def _keep_floor(z, col, t, f):
 
 
 def _forward_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_entropy,
-                    with_sum_sq, has_floor):
+                    with_sum_sq, has_floor, softcap):
   """One program: bn tokens against the whole vocab (online log-sum-exp over bv tiles).
 
   refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, lsq_ref.
@@ -98,7 +107,8 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_
 
   def body(j, carry):
     m_old, s_old, e_old, tz_old, q_old = carry  # each [bn]
-    z = _tile_logits(h_ref, w_ref, j * bv, d=d, bk=bk, bv=bv, inv_t=inv_t)  # [bn, bv]
+    z, _ = _tile_logits(h_ref, w_ref, j * bv, d=d, bk=bk, bv=bv, inv_t=inv_t,
+                        softcap=softcap)  # [bn, bv]
     col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
     keep = col < v_total
     if f is not None:
@@ -132,7 +142,7 @@ def _floor_args(floor):
 
 
 def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
-            floor=None, block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K,
+            floor=None, softcap=None, block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K,
             num_warps=NUM_WARPS, interpret=False):
   """Fused (lse, ent, tz, lsq) of the tempered logits (see `xla_chunked`), each [N] float32.
 
@@ -142,6 +152,7 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
     with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
+    softcap: None or the logit soft-cap (`xla_chunked.soft_cap`), applied before temperature.
     block_n, block_v, block_k: powers of two >= 16. num_warps: Triton warps per program.
     interpret: run on CPU.
   """
@@ -152,7 +163,8 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
   floor_args = _floor_args(floor)
   kernel = functools.partial(_forward_kernel, d=d, v_total=v, bk=bk, bv=bv,
                              inv_t=1.0 / temperature, with_entropy=with_entropy,
-                             with_sum_sq=with_sum_sq, has_floor=bool(floor_args))
+                             with_sum_sq=with_sum_sq, has_floor=bool(floor_args),
+                             softcap=softcap)
   row = pl.BlockSpec((bn,), lambda i: (i,))
   return tuple(pl.pallas_call(
       kernel,
@@ -168,27 +180,30 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
 
 
 def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
-                      with_sum_sq=False, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
-                      block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
+                      with_sum_sq=False, floor=None, softcap=None, block_n=BLOCK_N,
+                      block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, block_k, num_warps, interpret
   targets = targets.astype(jnp.int32)
-  z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
+  x = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)  # [N, V]
+  z = xla_chunked.soft_cap(x, softcap) / temperature
   z = xla_chunked.apply_floor(z, targets, floor)
   return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy, with_sum_sq=with_sum_sq)
 
 
 def _grad_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_lp, with_ent,
-                 has_floor):
-  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V (and, with
-  a floor, zero on the columns it drops: p = exp(NEG - lse) = 0 there).
+                 has_floor, softcap):
+  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), times 1 - tanh(x / cap)^2
+  with a soft-cap, zero past V (and, with a floor, zero on the columns it drops: p =
+  exp(NEG - lse) = 0 there).
 
   refs: [f_ref (floor, when has_floor)], lse_ref, ez_ref, clp_ref, cent_ref, gz_ref.
   """
   f_ref, (lse_ref, ez_ref, clp_ref, cent_ref, gz_ref) = _floor_ref(refs, has_floor)
   bn = h_ref.shape[0]
   j = pl.program_id(1)
-  z = _tile_logits(h_ref, w_ref, 0, d=d, bk=bk, bv=bv, inv_t=inv_t)  # [bn, bv]
+  z, capped = _tile_logits(h_ref, w_ref, 0, d=d, bk=bk, bv=bv, inv_t=inv_t,
+                           softcap=softcap)  # [bn, bv]
   col = j * bv + lax.broadcasted_iota(jnp.int32, (bn, bv), 1)
   if f_ref is not None:
     z = jnp.where(_keep_floor(z, col, t_ref[...], f_ref[...]), z, NEG)
@@ -199,11 +214,13 @@ def _grad_kernel(h_ref, w_ref, t_ref, *refs, d, v_total, bk, bv, inv_t, with_lp,
     gz += clp_ref[...][:, None] * (onehot - p)
   if with_ent:
     gz += cent_ref[...][:, None] * p * (ez_ref[...][:, None] - z)
+  if softcap is not None:
+    gz *= xla_chunked.soft_cap_slope(capped, softcap)
   gz_ref[...] = jnp.where(col < v_total, gz, 0.0).astype(gz_ref.dtype)
 
 
 def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, with_ent=True,
-                out_dtype=None, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                out_dtype=None, floor=None, softcap=None, block_n=BLOCK_N, block_v=BLOCK_V,
                 block_k=BLOCK_K, num_warps=NUM_WARPS, interpret=False):
   """Fused gradient with respect to the raw logits hidden @ weight, [N, V] in out_dtype.
 
@@ -212,6 +229,7 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
     rows: `xla_chunked.Rows` of [N] float32 (lse, ez, coef_lp, coef_ent).
     with_lp / with_ent: include the log-prob / entropy term. out_dtype: default hidden's.
     floor: None or [N] float32 logit floor.
+    softcap: None or the logit soft-cap; the gradient is still with respect to the raw logits.
     block_n, block_v, block_k, num_warps, interpret: as in `forward`.
   """
   n, d = hidden.shape
@@ -221,7 +239,7 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
   floor_args = _floor_args(floor)
   kernel = functools.partial(_grad_kernel, d=d, v_total=v, bk=bk, bv=bv,
                              inv_t=1.0 / temperature, with_lp=with_lp, with_ent=with_ent,
-                             has_floor=bool(floor_args))
+                             has_floor=bool(floor_args), softcap=softcap)
   row = pl.BlockSpec((bn,), lambda i, j: (i,))
   return pl.pallas_call(
       kernel,
@@ -238,14 +256,14 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None, floor=None, block_n=BLOCK_N,
-                          block_v=BLOCK_V, block_k=BLOCK_K, num_warps=NUM_WARPS,
-                          interpret=False):
+                          with_ent=True, out_dtype=None, floor=None, softcap=None,
+                          block_n=BLOCK_N, block_v=BLOCK_V, block_k=BLOCK_K,
+                          num_warps=NUM_WARPS, interpret=False):
   """Pure-jnp `grad_logits`."""
   del block_n, block_v, block_k, num_warps, interpret
   return xla_chunked.grad_logits_reference(
       hidden, weight, targets.astype(jnp.int32), rows, temperature=temperature,
-      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor)
+      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor, softcap=softcap)
 
 
 def abstract_cuda_mesh(device_kind="NVIDIA H100 80GB HBM3"):

@@ -20,6 +20,11 @@ garbage or NaN padding cannot leak), rows past N are dropped when the block is w
 A logit floor (optional [N] float32 input, a (bn, 1) block like the targets) sets the tile's
 columns below it, bar the target, to NEG as well (see `xla_chunked.floor_mask`); without one
 the kernels take no floor input and do no masking.
+
+A logit soft-cap (static) makes both kernels use z = cap * tanh(x / cap) / T for the raw tile
+x = h @ w (`xla_chunked.soft_cap`, computed in VMEM like the rest), and the grad kernel multiplies
+its tile by 1 - tanh(x / cap)^2 (`xla_chunked.soft_cap_slope`; the 1 / T is in the row
+coefficients). Without one (None) the kernels compute no tanh.
 """
 
 import functools
@@ -59,7 +64,7 @@ def _mask(z, col, v_total, t_ref, f_ref):
 
 
 def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy, with_sum_sq,
-                    has_floor):
+                    has_floor, softcap):
   """One (token block i, vocab block j) step of the online log-sum-exp.
 
   refs: [f_ref (floor, when has_floor)], lse_ref, ent_ref, tz_ref, lsq_ref, then 5 scratch refs.
@@ -74,7 +79,8 @@ def _forward_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_entropy
     for sc in (s_sc, e_sc, tz_sc, q_sc):
       sc[...] = jnp.zeros(sc.shape, jnp.float32)
 
-  z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_t  # [bn, bv]
+  x = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)  # [bn, bv]
+  z = xla_chunked.soft_cap(x, softcap) * inv_t
   col = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
   z = _mask(z, col, v_total, t_ref, f_ref)
   m_old = m_sc[...]  # [bn, 1]
@@ -110,7 +116,7 @@ def _floor_args(floor, n):
 
 
 def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
-            floor=None, block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
+            floor=None, softcap=None, block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
   """Fused (lse, ent, tz, lsq) of the tempered logits (see `xla_chunked`), each [N] float32.
 
   Args:
@@ -119,6 +125,7 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
     temperature: logits are divided by it. with_entropy: if False, ent is zeros.
     with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 logit floor (`xla_chunked.floor_mask`).
+    softcap: None or the logit soft-cap (`xla_chunked.soft_cap`), applied before temperature.
     block_n, block_v: block sizes (multiples of 8 and 128). interpret: run on CPU.
   """
   n, d = hidden.shape
@@ -127,7 +134,7 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
   floor_args = _floor_args(floor, n)
   kernel = functools.partial(_forward_kernel, inv_t=1.0 / temperature, v_total=v, bv=bv,
                              with_entropy=with_entropy, with_sum_sq=with_sum_sq,
-                             has_floor=bool(floor_args))
+                             has_floor=bool(floor_args), softcap=softcap)
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   out = pl.pallas_call(
       kernel,
@@ -145,27 +152,31 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
 
 
 def forward_reference(hidden, weight, targets, *, temperature, with_entropy=True,
-                      with_sum_sq=False, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
-                      interpret=False):
+                      with_sum_sq=False, floor=None, softcap=None, block_n=BLOCK_N,
+                      block_v=BLOCK_V, interpret=False):
   """Pure-jnp `forward` (materialises the [N, V] logits)."""
   del block_n, block_v, interpret
   targets = targets.astype(jnp.int32)
-  z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
+  x = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)  # [N, V]
+  z = xla_chunked.soft_cap(x, softcap) / temperature
   z = xla_chunked.apply_floor(z, targets, floor)
   return xla_chunked.tile_stats(z, targets, with_entropy=with_entropy, with_sum_sq=with_sum_sq)
 
 
 def _grad_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_lp, with_ent,
-                 has_floor):
-  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), zero past V (and, with
-  a floor, zero on the columns it drops: p = exp(NEG - lse) = 0 there).
+                 has_floor, softcap):
+  """dx of one [bn, bv] tile: c_lp (onehot - p) + c_ent p (ez - z), times 1 - tanh(x / cap)^2
+  with a soft-cap, zero past V (and, with a floor, zero on the columns it drops: p =
+  exp(NEG - lse) = 0 there).
 
   refs: [f_ref (floor, when has_floor)], lse_ref, ez_ref, clp_ref, cent_ref, gz_ref.
   """
   f_ref, refs = _floor_ref(refs, has_floor)
   lse_ref, ez_ref, clp_ref, cent_ref, gz_ref = refs
   j = pl.program_id(1)
-  z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32) * inv_t  # [bn, bv]
+  x = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=jnp.float32)  # [bn, bv]
+  capped = xla_chunked.soft_cap(x, softcap)
+  z = capped * inv_t
   col = j * bv + lax.broadcasted_iota(jnp.int32, z.shape, 1)
   if f_ref is not None:
     z = jnp.where((z >= f_ref[...]) | (col == t_ref[...]), z, NEG)
@@ -175,11 +186,13 @@ def _grad_kernel(h_ref, w_ref, t_ref, *refs, inv_t, v_total, bv, with_lp, with_e
     gz += clp_ref[...] * (jnp.where(col == t_ref[...], 1.0, 0.0) - p)
   if with_ent:
     gz += cent_ref[...] * p * (ez_ref[...] - z)
+  if softcap is not None:
+    gz *= xla_chunked.soft_cap_slope(capped, softcap)
   gz_ref[...] = jnp.where(col < v_total, gz, 0.0).astype(gz_ref.dtype)
 
 
 def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, with_ent=True,
-                out_dtype=None, floor=None, block_n=BLOCK_N, block_v=BLOCK_V,
+                out_dtype=None, floor=None, softcap=None, block_n=BLOCK_N, block_v=BLOCK_V,
                 interpret=False):
   """Fused gradient with respect to the raw logits hidden @ weight, [N, V] in out_dtype.
 
@@ -188,6 +201,7 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
     rows: `xla_chunked.Rows` of [N] float32 (lse, ez, coef_lp, coef_ent).
     with_lp / with_ent: include the log-prob / entropy term.
     out_dtype: result dtype (default hidden's). floor: None or [N] float32 logit floor.
+    softcap: None or the logit soft-cap; the gradient is still with respect to the raw logits.
     block_n, block_v, interpret: as in `forward`.
   """
   n, d = hidden.shape
@@ -195,7 +209,8 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
   bn, bv = _block(n, block_n, 8), _block(v, block_v, 128)
   floor_args = _floor_args(floor, n)
   kernel = functools.partial(_grad_kernel, inv_t=1.0 / temperature, v_total=v, bv=bv,
-                             with_lp=with_lp, with_ent=with_ent, has_floor=bool(floor_args))
+                             with_lp=with_lp, with_ent=with_ent, has_floor=bool(floor_args),
+                             softcap=softcap)
   row = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))
   return pl.pallas_call(
       kernel,
@@ -212,10 +227,10 @@ def grad_logits(hidden, weight, targets, rows, *, temperature, with_lp=True, wit
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None, floor=None, block_n=BLOCK_N,
-                          block_v=BLOCK_V, interpret=False):
+                          with_ent=True, out_dtype=None, floor=None, softcap=None,
+                          block_n=BLOCK_N, block_v=BLOCK_V, interpret=False):
   """Pure-jnp `grad_logits`."""
   del block_n, block_v, interpret
   return xla_chunked.grad_logits_reference(
       hidden, weight, targets.astype(jnp.int32), rows, temperature=temperature,
-      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor)
+      with_lp=with_lp, with_ent=with_ent, out_dtype=out_dtype, floor=floor, softcap=softcap)

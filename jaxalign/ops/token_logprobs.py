@@ -3,7 +3,9 @@
 Shape letters: N tokens, D model width, V vocab.
 
 `token_logprobs(hidden [N, D], weight [D, V], targets [N])` returns log softmax(z)[target]
-for z = hidden @ weight / temperature without materialising [N, V] logits in training:
+for z = hidden @ weight / temperature without materialising [N, V] logits in training; with
+`logit_softcap` (Gemma 2's final-logit soft-cap) z = cap * tanh(hidden @ weight / cap) /
+temperature instead (`xla_chunked.soft_cap`):
 
   impl="xla"     chunked online log-sum-exp (`xla_chunked`), any backend.
   impl="pallas"  fused kernels: Triton on GPU (`pallas_gpu`), Mosaic on TPU (`pallas_tpu`),
@@ -15,15 +17,19 @@ for z = hidden @ weight / temperature without materialising [N, V] logits in tra
 
 Gradients come from a `jax.custom_vjp` whose backward recomputes logits tile by tile and
 accumulates dhidden / dweight in float32 (see `xla_chunked` for the formulas). Zero
-cotangents (an unused entropy, an unperturbed weight) skip their share of the work.
+cotangents (an unused entropy, an unperturbed weight) skip their share of the work. Under a
+soft-cap the gradient with respect to the raw logits x is the one with respect to z times
+dz/dx = (1 - tanh(x / cap)^2) / T, applied tile by tile as well. Without a cap, None travels all
+the way down and the compiled program is the one without the feature (no tanh).
 
 On request the same pass also gives each row's entropy (differentiable) and log sum_v p_v^2 (the
 log collision probability, no gradient; WPO's weights, `algorithms.forward`).
 
 An optional per-row `logit_floor` [N] replays a sampler's top-k / top-p mask: row n
-normalises over K_n = {v : z_v >= floor_n} ∪ {target_n} (z tempered). Every path masks the
-other columns to `NEG` tile by tile (see `xla_chunked.floor_mask`). Without a floor, None
-travels all the way down and the compiled program is the one without the feature.
+normalises over K_n = {v : z_v >= floor_n} ∪ {target_n} (z tempered, after any soft-cap).
+Every path masks the other columns to `NEG` tile by tile (see `xla_chunked.floor_mask`).
+Without a floor, None travels all the way down and the compiled program is the one without
+the feature.
 """
 
 import dataclasses
@@ -31,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
@@ -53,6 +60,7 @@ class OpSpec:
   need_dh: bool = True
   need_dw: bool = True
   with_sum_sq: bool = False
+  softcap: float | None = None  # logit soft-cap, None for none
 
 
 def _flavors(impl):
@@ -78,7 +86,7 @@ def _per_platform(make, impl, *args):
 def _forward_fn(spec):
   def make(flavor, interpret):
     kw = dict(temperature=spec.temperature, with_entropy=spec.with_entropy,
-              with_sum_sq=spec.with_sum_sq)
+              with_sum_sq=spec.with_sum_sq, softcap=spec.softcap)
     if flavor is None:
       fn = functools.partial(xla_chunked.forward, **kw)
     else:
@@ -90,7 +98,8 @@ def _forward_fn(spec):
 
 def _backward_fn(spec, with_lp, with_ent, dh_dtype, dw_dtype):
   def make(flavor, interpret):
-    grad_kw = dict(temperature=spec.temperature, with_lp=with_lp, with_ent=with_ent)
+    grad_kw = dict(temperature=spec.temperature, with_lp=with_lp, with_ent=with_ent,
+                   softcap=spec.softcap)
     chunks = {}
     if flavor is None:
       grad_fn = functools.partial(xla_chunked.grad_logits_reference, **grad_kw)
@@ -177,9 +186,10 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def naive_token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
-                         return_entropy=False, return_log_sum_sq=False):
+                         logit_softcap=None, return_entropy=False, return_log_sum_sq=False):
   """Reference: materialises float32 [N, V] logits; gradients by autodiff. Same contract."""
-  z = jnp.dot(hidden, weight, preferred_element_type=jnp.float32) / temperature  # [N, V]
+  x = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)  # [N, V]
+  z = xla_chunked.soft_cap(x, logit_softcap) / temperature
   if logit_floor is not None:
     keep = xla_chunked.floor_mask(z, targets, logit_floor)  # [N, V]
     z = jnp.where(keep, z, xla_chunked.NEG)
@@ -200,9 +210,35 @@ def asked_outputs(logp, ent, log_sum_sq, return_entropy, return_log_sum_sq):
   return (logp, *extras) if extras else logp
 
 
-def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None):
+def _static_softcap(logit_softcap):
+  """logit_softcap as a Python float, or None; one-line errors."""
+  if logit_softcap is None:
+    return None
+  if isinstance(logit_softcap, jax.core.Tracer):
+    raise TypeError("token_logprobs: logit_softcap must be a Python number or None (it is "
+                    "static)")
+  try:
+    kind = np.asarray(logit_softcap).dtype if np.ndim(logit_softcap) == 0 else None
+  except ValueError:  # e.g. a ragged list
+    kind = None
+  if kind is None or not (np.issubdtype(kind, np.floating) or np.issubdtype(kind, np.integer)):
+    shape = getattr(logit_softcap, "shape", None)
+    got = (f"{logit_softcap!r}" if isinstance(logit_softcap, (str, bool)) else
+           f"{getattr(logit_softcap, 'dtype', '')}{list(shape)}" if shape is not None else
+           type(logit_softcap).__name__)
+    raise ValueError(f"token_logprobs: logit_softcap must be a number > 0 or None; got {got}")
+  cap = float(logit_softcap)
+  if not 0.0 < cap < float("inf"):
+    raise ValueError(f"token_logprobs: logit_softcap must be a finite number > 0 or None; "
+                     f"got {cap}")
+  return cap
+
+
+def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None,
+                 logit_softcap=None):
   """Validates shapes, dtypes and options with one-line errors; returns (targets, temperature,
-  logit_floor) with targets int32 and the floor float32 (or None)."""
+  logit_floor, logit_softcap) with targets int32, the floor float32 (or None) and the soft-cap
+  a Python float (or None)."""
   if impl not in IMPLS:
     raise ValueError(f"token_logprobs: impl={impl!r}; expected one of {IMPLS}")
   if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[0]:
@@ -224,12 +260,14 @@ def check_inputs(hidden, weight, targets, temperature, impl, logit_floor=None):
       raise ValueError(f"token_logprobs: logit_floor must be a float array [N={hidden.shape[0]}]"
                        f" (or None); got {got}")
     logit_floor = logit_floor.astype(jnp.float32)
-  return targets.astype(jnp.int32), temperature, logit_floor
+  return targets.astype(jnp.int32), temperature, logit_floor, _static_softcap(logit_softcap)
 
 
 def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None,
-                   return_entropy=False, return_log_sum_sq=False, impl="auto"):
-  """Log-probabilities of the target tokens under softmax(hidden @ weight / temperature).
+                   logit_softcap=None, return_entropy=False, return_log_sum_sq=False,
+                   impl="auto"):
+  """Log-probabilities of the target tokens under softmax(logits / temperature), logits =
+  hidden @ weight, soft-capped when logit_softcap is given.
 
   Args:
     hidden: [N, D] final hidden states (bf16 or f32).
@@ -239,11 +277,16 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None
     temperature: static Python float > 0; log-probs and entropy are of logits / temperature.
     logit_floor: None (the full softmax) or [N] float: the sampler's smallest kept tempered
       logit per row (top-k / top-p replay). Row n then normalises over {v : logits[n, v] /
-      temperature >= logit_floor[n]} plus its target (so a target a rounding error below the
-      floor still counts); -inf means no truncation. Log-probs, entropy and gradients are
-      those of that renormalised distribution; the floor gets no gradient. A row that keeps
-      no column (only possible with an ignored target) has log-prob 0, entropy 0 and no
-      gradient.
+      temperature >= logit_floor[n]} (logits soft-capped if logit_softcap is given) plus its
+      target (so a target a rounding error below the floor still counts); -inf means no
+      truncation. Log-probs, entropy and gradients are those of that renormalised
+      distribution; the floor gets no gradient. A row that keeps no column (only possible
+      with an ignored target) has log-prob 0, entropy 0 and no gradient.
+    logit_softcap: None (no cap) or a static Python float cap > 0: the logits are
+      cap * tanh(hidden @ weight / cap) (Gemma 2's `final_logit_softcapping`, 30.0;
+      `xla_chunked.soft_cap`) before the temperature and the floor, tile by tile (never
+      materialised); log-probs, entropy, log sum p^2 and gradients (with respect to hidden
+      and weight, through the tanh) are those of the capped logits.
     return_entropy: also return the entropy of softmax(logits / temperature) (restricted as
       above when logit_floor is given).
     return_log_sum_sq: also return log sum_v p_v^2 of the same distribution, without gradient
@@ -253,13 +296,15 @@ def token_logprobs(hidden, weight, targets, *, temperature=1.0, logit_floor=None
   Returns:
     logp [N] float32, or (logp [N], [entropy [N]], [log sum p^2 [N]]) float32, the ones asked for.
   """
-  targets, temperature, logit_floor = check_inputs(hidden, weight, targets, temperature, impl,
-                                                   logit_floor)
+  targets, temperature, logit_floor, logit_softcap = check_inputs(
+      hidden, weight, targets, temperature, impl, logit_floor, logit_softcap)
   if impl == "naive":
     return naive_token_logprobs(hidden, weight, targets, temperature=temperature,
-                                logit_floor=logit_floor, return_entropy=return_entropy,
+                                logit_floor=logit_floor, logit_softcap=logit_softcap,
+                                return_entropy=return_entropy,
                                 return_log_sum_sq=return_log_sum_sq)
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
-  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq))
+  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq),
+                softcap=logit_softcap)
   out = _fused(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, spec)
   return asked_outputs(*out, return_entropy, return_log_sum_sq)

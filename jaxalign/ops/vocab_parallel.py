@@ -19,6 +19,9 @@ its dweight slice a partial sum over its tokens (psum over the token axes), both
 A logit floor [N] is sharded like the targets: every shard masks its own columns against
 its rows' floors (a shard that keeps none of a row's columns has lse_k = NEG, weight 0 in the
 merge), so the merged statistics are those of the restricted softmax.
+
+A logit soft-cap is element-wise, so every shard caps its own columns (z = cap * tanh(x / cap)
+/ T, forward and backward, as in `xla_chunked`) and the merges above are unchanged.
 """
 
 import dataclasses
@@ -123,7 +126,7 @@ _vp.defvjp(_vp_fwd, _vp_bwd, symbolic_zeros=True)
 
 def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="tensor",
                                   token_axes=("data", "fsdp"), temperature=1.0,
-                                  logit_floor=None, return_entropy=False,
+                                  logit_floor=None, logit_softcap=None, return_entropy=False,
                                   return_log_sum_sq=False, impl="auto"):
   """`token_logprobs` with the LM head sharded over `vocab_axis` of `mesh`.
 
@@ -136,8 +139,8 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
     mesh: a `jax.sharding.Mesh`. vocab_axis: its vocab-parallel axis name.
     token_axes: its axes that shard tokens (names absent from the mesh are dropped); N must
       divide evenly by their total size.
-    temperature, logit_floor, return_entropy, return_log_sum_sq, impl: as in `token_logprobs`
-      ("naive" is not sharded); logit_floor [N] is sharded like the targets.
+    temperature, logit_floor, logit_softcap, return_entropy, return_log_sum_sq, impl: as in
+      `token_logprobs` ("naive" is not sharded); logit_floor [N] is sharded like the targets.
 
   Returns:
     logp [N] float32 (and entropy [N], log sum p^2 [N] as asked), sharded over `token_axes`.
@@ -145,8 +148,8 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
   if impl == "naive":
     raise ValueError("vocab_parallel_token_logprobs: impl='naive' has no vocab-parallel form; "
                      "use token_logprobs(..., impl='naive') as the reference")
-  targets, temperature, logit_floor = check_inputs(hidden, weight, targets, temperature, impl,
-                                                   logit_floor)
+  targets, temperature, logit_floor, logit_softcap = check_inputs(
+      hidden, weight, targets, temperature, impl, logit_floor, logit_softcap)
   names = mesh.axis_names
   if vocab_axis not in names:
     raise ValueError(f"vocab_parallel_token_logprobs: vocab_axis {vocab_axis!r} not in mesh "
@@ -160,7 +163,8 @@ def vocab_parallel_token_logprobs(hidden, weight, targets, mesh, *, vocab_axis="
                      f"|{vocab_axis}|={mesh.shape[vocab_axis]} and N={hidden.shape[0]} by "
                      f"|{token_axes}|={n_tok}; pad the vocab / batch")
   dtype = jnp.result_type(hidden.dtype, weight.dtype)
-  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq))
+  spec = OpSpec(impl, temperature, bool(return_entropy), with_sum_sq=bool(return_log_sum_sq),
+                softcap=logit_softcap)
   layout = _Layout(mesh, vocab_axis, token_axes)
   out = _vp(hidden.astype(dtype), weight.astype(dtype), targets, logit_floor, layout, spec)
   return asked_outputs(*out, return_entropy, return_log_sum_sq)

@@ -2,8 +2,10 @@
 
 Shape letters: N tokens, D model width, V vocab; n, v are the sizes of one chunk or tile.
 
-Every path works on tempered logits z = (hidden @ weight) / temperature, computed one
-[n, v] tile at a time, and keeps four float32 statistics per row:
+Every path works on tempered logits z = soft_cap(x) / temperature of the raw logits
+x = hidden @ weight, computed one [n, v] tile at a time, where soft_cap(x) = cap * tanh(x / cap)
+with a logit soft-cap (Gemma 2's final_logit_softcapping) and soft_cap(x) = x without one. Every
+path keeps four float32 statistics per row:
 
   lse  log sum_j exp(z_j)                     (log partition function)
   ent  -sum_j p_j log p_j, p = softmax(z)     (entropy)
@@ -19,10 +21,12 @@ The backward pass needs, per row, lse, ez = E_p[z] = lse - ent and two cotangent
 coefficients, and recomputes each tile's logits. With c_lp = g_lp * [target >= 0] / T and
 c_ent = g_ent / T, the gradient with respect to the raw logits x = hidden @ weight is
 
-  dx = c_lp * (onehot(target) - p) + c_ent * p * (ez - z),
+  dx = (c_lp * (onehot(target) - p) + c_ent * p * (ez - z)) * s,
 
-(d entropy / dz_k = p_k (E_p[z] - z_k)); dhidden = dx @ weight^T and dweight = hidden^T @ dx
-are accumulated in float32.
+(d entropy / dz_k = p_k (E_p[z] - z_k)) where s = T dz/dx is 1 without a cap and
+1 - tanh(x / cap)^2 = 1 - (soft_cap(x) / cap)^2 with one (`soft_cap_slope`; the 1 / T is in the
+coefficients). dhidden = dx @ weight^T and dweight = hidden^T @ dx are accumulated in float32.
+cap=None skips the tanh and the slope entirely: the program is the one without the feature.
 
 With a logit floor f [N] (top-k / top-p replay), row n keeps K_n = {j : z_j >= f_n} plus its
 target column: every tile sets the other logits to NEG before the statistics (and before the
@@ -43,6 +47,23 @@ from jax import lax
 TOKEN_CHUNK = 1024
 VOCAB_CHUNK = 4096
 NEG = -1e30  # masked logit: exp(NEG - m) == 0 and 0 * NEG == 0, unlike -inf
+
+
+def soft_cap(x, cap):
+  """cap * tanh(x / cap) (Gemma 2's final-logit soft-cap); x itself when cap is None.
+
+  Args:
+    x: array of raw logits. cap: None or a Python float > 0 (static).
+  """
+  if cap is None:
+    return x
+  return cap * jnp.tanh(x / cap)
+
+
+def soft_cap_slope(capped, cap):
+  """d soft_cap(x) / dx = 1 - tanh(x / cap)^2, from capped = soft_cap(x, cap) (cap not None)."""
+  th = capped / cap
+  return 1.0 - th * th
 
 
 class Rows(NamedTuple):
@@ -123,7 +144,7 @@ def empty_stats(n):
 
 
 def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp=True,
-                          with_ent=True, out_dtype=None, floor=None):
+                          with_ent=True, out_dtype=None, floor=None, softcap=None):
   """Gradient with respect to the raw logits hidden @ weight of one [n, v] tile (pure jnp).
 
   Args:
@@ -131,21 +152,30 @@ def grad_logits_reference(hidden, weight, targets, rows, *, temperature, with_lp
     rows: `Rows` of [n] float32. with_lp / with_ent: include the log-prob / entropy term.
     out_dtype: dtype of the result (default: hidden's dtype, the dtype of the matmuls).
     floor: None or [n] float32 logit floor (see `floor_mask`); dropped columns get 0.
+    softcap: None or the logit soft-cap (see `soft_cap`); the tile's gradient is then
+      multiplied by `soft_cap_slope`.
 
   Returns:
     [n, v] gradient in out_dtype.
   """
   x = jnp.dot(hidden, weight, preferred_element_type=jnp.float32)  # [n, v]
-  if floor is None:
+  capped = soft_cap(x, softcap)
+  if floor is None and softcap is None:
     z = x / temperature
   else:  # tempered exactly as `forward` does, so both passes keep the same columns
-    z = apply_floor(x * (1.0 / temperature), targets, floor)
-  gz = grad_from_logits(z, targets, rows, with_lp=with_lp, with_ent=with_ent)
+    z = apply_floor(capped * (1.0 / temperature), targets, floor)
+  slope = None if softcap is None else soft_cap_slope(capped, softcap)
+  gz = grad_from_logits(z, targets, rows, with_lp=with_lp, with_ent=with_ent, slope=slope)
   return gz.astype(out_dtype or hidden.dtype)
 
 
-def grad_from_logits(z, targets, rows, *, with_lp, with_ent):
-  """dx of one tile from its tempered logits z [n, v]; rows are [n] (or [n, 1]) float32."""
+def grad_from_logits(z, targets, rows, *, with_lp, with_ent, slope=None):
+  """dx of one tile from its tempered logits z [n, v]; rows are [n] (or [n, 1]) float32.
+
+  slope: None (no soft-cap) or [n, v] float32 `soft_cap_slope` of the tile, T dz/dx; the
+  gradient with respect to z (times 1 / T, folded into the rows' coefficients) is multiplied
+  by it element-wise.
+  """
   lse, ez, coef_lp, coef_ent = (r.reshape(-1, 1) for r in rows)
   p = jnp.exp(z - lse)  # [n, v]
   gz = jnp.zeros_like(z)
@@ -155,6 +185,8 @@ def grad_from_logits(z, targets, rows, *, with_lp, with_ent):
     gz = gz + coef_lp * (onehot - p)
   if with_ent:
     gz = gz + coef_ent * p * (ez - z)
+  if slope is not None:
+    gz = gz * slope
   return gz
 
 
@@ -170,7 +202,7 @@ def _pad_floor(floor, n_pad, shape):
 
 
 def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum_sq=False,
-            floor=None, token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
+            floor=None, softcap=None, token_chunk=TOKEN_CHUNK, vocab_chunk=VOCAB_CHUNK):
   """(lse, ent, tz, lsq), each [N] float32, without materialising [N, V] logits.
 
   Args:
@@ -179,6 +211,7 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
     with_sum_sq: if False, lsq is -inf.
     floor: None or [N] float32 tempered-logit floor: the statistics are over the columns
       `floor_mask` keeps (a row that keeps none gets lse = NEG).
+    softcap: None or the logit soft-cap: z = soft_cap(hidden @ weight, softcap) / temperature.
     token_chunk, vocab_chunk: tile size; the live temporaries are a few [token_chunk,
       vocab_chunk] float32 arrays.
   """
@@ -195,7 +228,8 @@ def forward(hidden, weight, targets, *, temperature, with_entropy=True, with_sum
 
     def tile(stats, col0, width):
       w_c = lax.dynamic_slice_in_dim(weight, col0, width, axis=1)  # [D, width]
-      z = jnp.dot(h_c, w_c, preferred_element_type=jnp.float32) * inv_t  # [bn, width]
+      x = jnp.dot(h_c, w_c, preferred_element_type=jnp.float32)  # [bn, width]
+      z = soft_cap(x, softcap) * inv_t
       z = apply_floor(z, t_c - col0, f_c)
       return merge_stats(stats, tile_stats(z, t_c - col0, with_entropy=with_entropy,
                                            with_sum_sq=with_sum_sq))
@@ -280,7 +314,7 @@ def backward(grad_fn: GradFn, hidden, weight, targets, rows: Rows, *, floor=None
   return dh, dw
 
 
-def xla_grad_fn(*, temperature, with_lp, with_ent):
+def xla_grad_fn(*, temperature, with_lp, with_ent, softcap=None):
   """The jnp tile gradient used by the XLA path, in `backward`'s grad_fn form."""
   return functools.partial(grad_logits_reference, temperature=temperature,
-                           with_lp=with_lp, with_ent=with_ent)
+                           with_lp=with_lp, with_ent=with_ent, softcap=softcap)

@@ -16,17 +16,24 @@ def as_f64(x):
   return np.asarray(np.asarray(x, dtype=np.float32), dtype=np.float64)
 
 
-def reference(hidden, weight, targets, temperature, g_lp, g_ent):
+def reference(hidden, weight, targets, temperature, g_lp, g_ent, softcap=None):
   """Log-probs, entropies, log sum_v p_v^2 and the gradients of sum(g_lp * logp) + sum(g_ent * ent).
 
   Args: hidden [N, D], weight [D, V], targets [N] (negative = ignored), temperature,
-    g_lp, g_ent [N] cotangents.
+    g_lp, g_ent [N] cotangents, softcap: None or the logit soft-cap (logits
+    c = softcap * tanh(x / softcap) of the raw x = hidden @ weight).
   Returns: dict of float64 arrays: logp [N], ent [N], log_sum_sq [N], dh [N, D], dw [D, V].
   """
   h, w = as_f64(hidden), as_f64(weight)
   t = np.asarray(targets)
   n = h.shape[0]
-  z = h @ w / temperature  # [N, V]
+  x = h @ w  # [N, V] raw logits
+  if softcap is None:
+    c, dc_dx = x, 1.0
+  else:
+    th = np.tanh(x / softcap)
+    c, dc_dx = softcap * th, 1.0 - th * th
+  z = c / temperature  # [N, V]
   zmax = z.max(axis=1, keepdims=True)
   logz = zmax + np.log(np.exp(z - zmax).sum(axis=1, keepdims=True))  # [N, 1]
   logp_all = z - logz
@@ -39,7 +46,7 @@ def reference(hidden, weight, targets, temperature, g_lp, g_ent):
   # d logp / dz = onehot - p;  d ent / dz_k = -p_k (log p_k + ent).
   dz = (as_f64(g_lp) * valid)[:, None] * (onehot - p)
   dz -= as_f64(g_ent)[:, None] * p * (logp_all + ent[:, None])
-  dx = dz / temperature
+  dx = dz * dc_dx / temperature  # chain rule: dz/dx = (1 - tanh(x / cap)^2) / T
   return {"logp": logp, "ent": ent, "log_sum_sq": np.log((p * p).sum(axis=1)), "dh": dx @ w.T,
           "dw": h.T @ dx}
 

@@ -1,8 +1,9 @@
 """token_logprobs(..., logit_floor=f): top-k / top-p replay, every impl against float64 NumPy.
 
-Row n normalises over K_n = {v : z_v >= f_n} ∪ {target_n} (z tempered logits). The floors
-are put in the middle of wide gaps between a row's sorted logits, so float32 rounding cannot
-move a column across them (except where a target is deliberately below its floor).
+Row n normalises over K_n = {v : z_v >= f_n} ∪ {target_n} (z tempered logits, after the
+logit soft-cap when there is one). The floors are put in the middle of wide gaps between a
+row's sorted logits, so float32 rounding cannot move a column across them (except where a
+target is deliberately below its floor).
 """
 
 import functools
@@ -20,13 +21,26 @@ from jaxalign.ops import (pallas_gpu, pallas_tpu, token_logprobs, vocab_parallel
 N, D, V = 20, 24, 1002  # no multiple of a block: row, width and vocab tails everywhere
 TEMPERATURE = 0.8
 TOL_OUT, TOL_GRAD = 1e-5, 2e-5  # max error / max |reference|, as for float32 elsewhere
+CAP = 5.0  # a logit soft-cap that bends logits of order 1-5 (Gemma 2 uses 30)
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 
-def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_ent):
+def capped_logits(h, w, temperature, softcap):
+  """(z, dz/dx * T): float64 tempered logits of the raw x = h @ w, soft-capped when softcap is
+  given (z = softcap * tanh(x / softcap) / T), and the tanh's slope (1 without a cap)."""
+  x = h @ w
+  if softcap is None:
+    return x / temperature, 1.0
+  th = np.tanh(x / softcap)
+  return softcap * th / temperature, 1.0 - th * th
+
+
+def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_ent,
+                         softcap=None):
   """Float64 log-probs, entropies and gradients of sum(g_lp logp) + sum(g_ent ent) under the
   softmax restricted to K_n; a row with an empty K_n has log-prob 0, entropy 0, no gradient.
+  With softcap, z is the capped tempered logits and the gradients go through the tanh.
 
   Returns: dict of logp [N], ent [N], log_sum_sq [N] (log sum p^2 over K_n, 0 for an empty K_n), dh [N, D],
   dw [D, V] and keep [N, V] (bool).
@@ -34,7 +48,7 @@ def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_en
   h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
   t, f = np.asarray(targets), np.asarray(floor, np.float64)
   n = h.shape[0]
-  z = h @ w / temperature  # [N, V]
+  z, slope = capped_logits(h, w, temperature, softcap)  # [N, V]
   valid = t >= 0
   onehot = np.zeros_like(z)
   onehot[np.arange(n)[valid], t[valid]] = 1.0
@@ -51,7 +65,7 @@ def restricted_reference(hidden, weight, targets, floor, temperature, g_lp, g_en
   dz = (np.asarray(g_lp, np.float64) * valid)[:, None] * (onehot - p)
   dz -= np.asarray(g_ent, np.float64)[:, None] * p * (logp_all + ent[:, None])
   dz *= nonempty[:, None]
-  dx = dz / temperature
+  dx = dz * slope / temperature
   log_sum_sq = np.where(nonempty, np.log(np.maximum((p * p).sum(axis=1), 1e-300)), 0.0)
   return {"logp": logp, "ent": ent, "log_sum_sq": log_sum_sq, "dh": dx @ w.T, "dw": h.T @ dx, "keep": keep}
 
@@ -71,12 +85,14 @@ def _floor_keeping(row, k, min_gap=1e-2):
   return float(s[k - 1] + s[k]) / 2, k
 
 
-def make_case(seed, n=N, d=D, v=V, temperature=TEMPERATURE):
-  """hidden, weight, targets, floor, g_lp, g_ent (float32 / int32) covering every row kind."""
+def make_case(seed, n=N, d=D, v=V, temperature=TEMPERATURE, softcap=None):
+  """hidden, weight, targets, floor, g_lp, g_ent (float32 / int32) covering every row kind;
+  the floors are placed among the (soft-capped, with softcap) tempered logits."""
   rng = np.random.default_rng(seed)
   hidden = rng.standard_normal((n, d)).astype(np.float32)
   weight = (rng.standard_normal((d, v)) * (2.0 / np.sqrt(d))).astype(np.float32)
-  z = hidden.astype(np.float64) @ weight.astype(np.float64) / temperature
+  z, _ = capped_logits(hidden.astype(np.float64), weight.astype(np.float64), temperature,
+                       softcap)
   order = np.argsort(-z, axis=1)  # [N, V], most likely first
   targets = rng.integers(0, v, n)
   floor = np.full(n, -np.inf)
@@ -155,22 +171,28 @@ def mesh():
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
-def test_reference_is_right(ref):
-  """The float64 reference: its gradients match central differences, its truncated rows
-  are a restricted softmax, and it equals the full softmax with no floor."""
-  hidden, weight, targets, floor, g_lp, g_ent = make_case(1, n=10, d=3, v=9, temperature=0.7)
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_reference_is_right(ref, softcap):
+  """The float64 reference: its gradients match central differences (through the soft-cap's
+  tanh too), its truncated rows are a restricted softmax, and it equals the full softmax with
+  no floor (the conftest reference, which has its own soft-cap)."""
+  hidden, weight, targets, floor, g_lp, g_ent = make_case(1, n=10, d=3, v=9, temperature=0.7,
+                                                          softcap=softcap)
   h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
-  want = restricted_reference(h, w, targets, floor, 0.7, g_lp, g_ent)
+  want = restricted_reference(h, w, targets, floor, 0.7, g_lp, g_ent, softcap)
 
   def loss(h_, w_):
-    r = restricted_reference(h_, w_, targets, floor, 0.7, g_lp, g_ent)
+    r = restricted_reference(h_, w_, targets, floor, 0.7, g_lp, g_ent, softcap)
     return np.sum(np.float64(g_lp) * r["logp"]) + np.sum(np.float64(g_ent) * r["ent"])
 
   numeric = ref.central_differences(loss, h, w, eps=1e-7)
   for name in ("dh", "dw"):
     np.testing.assert_allclose(want[name], numeric[name], rtol=1e-5, atol=1e-7)
-  z = h @ w / 0.7
-  full = restricted_reference(h, w, targets, np.full(10, -np.inf), 0.7, g_lp, g_ent)
+  z = h @ w / 0.7 if softcap is None else softcap * np.tanh(h @ w / softcap) / 0.7
+  full = restricted_reference(h, w, targets, np.full(10, -np.inf), 0.7, g_lp, g_ent, softcap)
+  independent = ref.reference(h, w, targets, 0.7, g_lp, g_ent, softcap)
+  for name in ("logp", "ent", "log_sum_sq", "dh", "dw"):
+    np.testing.assert_allclose(full[name], independent[name], rtol=1e-12, atol=1e-12)
   logz = np.log(np.exp(z).sum(axis=1))
   t = np.asarray(targets)
   picked = z[np.arange(10), np.maximum(t, 0)]
@@ -179,30 +201,35 @@ def test_reference_is_right(ref):
   assert want["logp"][2] == 0.0 and want["ent"][2] == 0.0 and want["ent"][7] == 0.0
 
 
-@pytest.mark.parametrize("impl", ["naive", "xla", "pallas_tpu", "pallas_gpu"])
-def test_op_matches_float64_reference(impl):
-  hidden, weight, targets, floor, g_lp, g_ent = make_case(2, v=V + 1)  # V = 1003 here
+@pytest.mark.parametrize("impl,softcap",
+                         [("naive", None), ("xla", None), ("pallas_tpu", None),
+                          ("pallas_gpu", None), ("naive", CAP), ("xla", CAP),
+                          ("pallas_tpu", CAP), ("pallas_gpu", CAP)])
+def test_op_matches_float64_reference(impl, softcap):
+  hidden, weight, targets, floor, g_lp, g_ent = make_case(2, v=V + 1,
+                                                          softcap=softcap)  # V = 1003 here
   fn = functools.partial(token_logprobs, targets=targets, temperature=TEMPERATURE,
-                         logit_floor=floor, return_entropy=True, return_log_sum_sq=True, impl=impl)
+                         logit_floor=floor, logit_softcap=softcap, return_entropy=True,
+                         return_log_sum_sq=True, impl=impl)
   outs, grads = _value_and_grads(lambda h, w: fn(h, w), hidden, weight, g_lp, g_ent)
-  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
+  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent, softcap)
   _check(outs, grads, want, targets)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
-def test_vocab_parallel_matches_float64_reference(mesh, impl):
+@pytest.mark.parametrize("impl,softcap", [("xla", None), ("pallas", None), ("xla", CAP)])
+def test_vocab_parallel_matches_float64_reference(mesh, impl, softcap):
   """Vocab sharded over 2 devices (501 columns each), tokens over 4: each shard masks its own
   columns; rows whose kept set lies in one shard leave the other with an empty range."""
-  hidden, weight, targets, floor, g_lp, g_ent = make_case(3)
+  hidden, weight, targets, floor, g_lp, g_ent = make_case(3, softcap=softcap)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
   tok = P(("data", "fsdp"))
   hidden, weight = put(hidden, P(("data", "fsdp"), None)), put(weight, P(None, "tensor"))
   targets, floor, g_lp, g_ent = (put(x, tok) for x in (targets, floor, g_lp, g_ent))
   fn = functools.partial(vocab_parallel_token_logprobs, targets=targets, mesh=mesh,
-                         temperature=TEMPERATURE, logit_floor=floor, return_entropy=True,
-                         return_log_sum_sq=True, impl=impl)
+                         temperature=TEMPERATURE, logit_floor=floor, logit_softcap=softcap,
+                         return_entropy=True, return_log_sum_sq=True, impl=impl)
   outs, grads = _value_and_grads(lambda h, w: fn(h, w), hidden, weight, g_lp, g_ent)
-  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
+  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent, softcap)
   _check(outs, grads, want, targets)
   assert outs[0].sharding.is_equivalent_to(targets.sharding, 1)
 
@@ -217,15 +244,15 @@ SMALL = {"xla": (xla_chunked.forward, xla_chunked.grad_logits_reference,
          "gpu": (pallas_gpu.forward, pallas_gpu.grad_logits, GPU_BLOCKS, GPU_BLOCKS)}
 
 
-@pytest.mark.parametrize("flavor", ["xla", "tpu"])
-def test_small_tiles_pipeline_matches_float64_reference(flavor):
+@pytest.mark.parametrize("flavor,softcap", [("xla", None), ("tpu", None), ("tpu", CAP)])
+def test_small_tiles_pipeline_matches_float64_reference(flavor, softcap):
   """Forward statistics and `xla_chunked.backward` with a floor, tiles far smaller than the
   op's defaults (padded rows get a -inf floor and coefficient 0)."""
   fwd, grad_fn, fwd_kw, grad_kw = SMALL[flavor]
-  hidden, weight, targets, floor, g_lp, g_ent = make_case(4)
-  fwd = functools.partial(fwd, temperature=TEMPERATURE, floor=floor, **fwd_kw)
+  hidden, weight, targets, floor, g_lp, g_ent = make_case(4, softcap=softcap)
+  fwd = functools.partial(fwd, temperature=TEMPERATURE, floor=floor, softcap=softcap, **fwd_kw)
   lse, ent, tz, lsq = jax.jit(functools.partial(fwd, with_sum_sq=True))(hidden, weight, targets)
-  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent)
+  want = restricted_reference(hidden, weight, targets, floor, TEMPERATURE, g_lp, g_ent, softcap)
   nonempty = want["keep"].any(axis=1)
   ent = jnp.where(nonempty, ent, 0.0)  # the op zeroes empty rows (`token_logprobs.finish_stats`)
   logp = jnp.where(targets >= 0, tz - lse, 0.0)
@@ -234,7 +261,7 @@ def test_small_tiles_pipeline_matches_float64_reference(flavor):
   assert rel_err(jnp.where(nonempty, lsq - 2 * lse, 0.0), want["log_sum_sq"]) < TOL_OUT
   rows = xla_chunked.Rows(lse, lse - ent,
                           jnp.where(targets >= 0, g_lp, 0.0) / TEMPERATURE, g_ent / TEMPERATURE)
-  grad_fn = functools.partial(grad_fn, temperature=TEMPERATURE, **grad_kw)
+  grad_fn = functools.partial(grad_fn, temperature=TEMPERATURE, softcap=softcap, **grad_kw)
   backward = functools.partial(xla_chunked.backward, grad_fn, floor=floor, token_chunk=8,
                                vocab_chunk=256)
   dh, dw = jax.jit(backward)(hidden, weight, targets, rows)
@@ -288,6 +315,36 @@ def test_no_floor_is_todays_op():
     assert text == lowered(wrap(op()))
     assert "1.000000e+30" not in text  # NEG, the masked logit, only comes with a floor
   assert "1.000000e+30" in lowered(grad_of(op(logit_floor=-jnp.ones(N))))
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_no_softcap_is_todays_op(impl):
+  """logit_softcap=None compiles to the op without a cap (no tanh anywhere, forward and
+  gradient, the XLA path and the interpreted kernels alike); a cap adds the tanh to both, and
+  a cap far above every logit gives the uncapped numbers (up to float32 rounding)."""
+  hidden, weight, targets, floor, g_lp, g_ent = make_case(6)
+
+  def op(**cap_kw):
+    return lambda h, w: token_logprobs(h, w, targets, temperature=TEMPERATURE, logit_floor=floor,
+                                       return_entropy=True, return_log_sum_sq=True, impl=impl,
+                                       **cap_kw)
+
+  grad_of = lambda f: jax.grad(lambda h, w: jnp.sum(f(h, w)[0]) + jnp.sum(f(h, w)[1]),
+                               argnums=(0, 1))
+  lowered = lambda f: jax.jit(f).lower(hidden, weight).as_text()
+  for wrap in (lambda f: f, grad_of):
+    text = lowered(wrap(op(logit_softcap=None)))
+    assert text == lowered(wrap(op()))
+    assert "tanh" not in text
+    assert "tanh" in lowered(wrap(op(logit_softcap=30.0)))
+  if impl == "xla":
+    got_none = _value_and_grads(op(), hidden, weight, g_lp, g_ent)
+    got_huge = _value_and_grads(op(logit_softcap=1e4), hidden, weight, g_lp, g_ent)
+    got_cap = _value_and_grads(op(logit_softcap=CAP), hidden, weight, g_lp, g_ent)
+    for a, b, c in zip(jax.tree.leaves(got_none), jax.tree.leaves(got_huge),
+                       jax.tree.leaves(got_cap)):
+      assert rel_err(b, a) < 1e-5
+      assert rel_err(c, a) > 1e-2
 
 
 @pytest.mark.parametrize("floor,error", [

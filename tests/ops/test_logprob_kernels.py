@@ -1,7 +1,10 @@
 """Pallas kernels (interpret mode) against their jnp references, the chunked XLA loops with
-small chunks, and lowering of the kernels for CUDA (Triton) and TPU (Mosaic) via jax.export."""
+small chunks, and lowering of the kernels for CUDA (Triton) and TPU (Mosaic) via jax.export;
+with and without a logit soft-cap."""
 
+import base64
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,7 @@ DTYPES = [jnp.float32, jnp.bfloat16]
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 TRITON = pallas_gpu.CUSTOM_CALL_TARGET  # "__gpu$xla.gpu.triton"
+CAP = 5.0  # a logit soft-cap that bends logits of order 1-5
 
 
 def _rows(ref, stats, seed):
@@ -28,12 +32,14 @@ def _rows(ref, stats, seed):
 
 @pytest.mark.parametrize("flavor", ["tpu", "gpu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("with_entropy", [True, False])
-def test_forward_kernel_matches_reference(ref, flavor, dtype, with_entropy):
+@pytest.mark.parametrize("with_entropy,softcap", [(True, None), (False, None), (True, CAP)],
+                         ids=["ent", "no-ent", "ent-cap5"])
+def test_forward_kernel_matches_reference(ref, flavor, dtype, with_entropy, softcap):
   """(lse, ent, tz, lsq); the entropy and log sum exp(2z) only when asked for (zeros, -inf otherwise)."""
   module, blocks = BLOCKS[flavor]
   hidden, weight, targets, _, _ = ref.make_inputs(1, N, D, V, dtype)
-  kw = dict(temperature=0.8, with_entropy=with_entropy, with_sum_sq=with_entropy, **blocks)
+  kw = dict(temperature=0.8, with_entropy=with_entropy, with_sum_sq=with_entropy,
+            softcap=softcap, **blocks)
   got = module.forward(hidden, weight, targets, interpret=True, **kw)
   want = module.forward_reference(hidden, weight, targets, **kw)
   for g, w in zip(got, want):
@@ -41,26 +47,35 @@ def test_forward_kernel_matches_reference(ref, flavor, dtype, with_entropy):
     np.testing.assert_allclose(g, w, rtol=2e-6, atol=2e-5)
   if not with_entropy:
     assert not np.any(np.asarray(got[1])) and np.all(np.asarray(got[3]) == -np.inf)
+  if softcap is not None:  # capped logits: lse differs from the uncapped one
+    plain = module.forward_reference(hidden, weight, targets, **dict(kw, softcap=None))
+    assert np.max(np.abs(np.asarray(got[0]) - np.asarray(plain[0]))) > 0.1
 
 
 @pytest.mark.parametrize("flavor", ["tpu", "gpu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-@pytest.mark.parametrize("with_lp,with_ent", [(True, True), (True, False), (False, True)])
-def test_grad_logits_kernel_matches_reference(ref, flavor, dtype, with_lp, with_ent):
+@pytest.mark.parametrize("with_lp,with_ent,softcap",
+                         [(True, True, None), (True, False, None), (False, True, None),
+                          (True, True, CAP)], ids=["lp-ent", "lp", "ent", "lp-ent-cap5"])
+def test_grad_logits_kernel_matches_reference(ref, flavor, dtype, with_lp, with_ent, softcap):
   module, blocks = BLOCKS[flavor]
   hidden, weight, targets, _, _ = ref.make_inputs(2, N, D, V, dtype)
-  stats = module.forward_reference(hidden, weight, targets, temperature=1.2)
+  stats = module.forward_reference(hidden, weight, targets, temperature=1.2, softcap=softcap)
   kw = dict(temperature=1.2, with_lp=with_lp, with_ent=with_ent, out_dtype=jnp.float32,
-            **blocks)
+            softcap=softcap, **blocks)
   rows = _rows(ref, stats, 3)
   got = module.grad_logits(hidden, weight, targets, rows, interpret=True, **kw)
   want = module.grad_logits_reference(hidden, weight, targets, rows, **kw)
   assert got.shape == (N, V) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  if softcap is not None:  # the tanh's slope scales the tile: not the uncapped gradient
+    plain = module.grad_logits_reference(hidden, weight, targets, rows, **dict(kw, softcap=None))
+    assert np.max(np.abs(np.asarray(got) - np.asarray(plain))) > 1e-2
 
 
 @pytest.mark.parametrize("flavor", ["xla", "tpu", "gpu"])
-def test_chunked_pipeline_with_small_chunks_matches_float64(ref, flavor):
+@pytest.mark.parametrize("softcap", [None, CAP], ids=["nocap", "cap5"])
+def test_chunked_pipeline_with_small_chunks_matches_float64(ref, flavor, softcap):
   """Forward stats + xla_chunked.backward with many token and vocab chunks and tails."""
   hidden, weight, targets, g_lp, g_ent = ref.make_inputs(4, N, D, V, jnp.float32)
   temperature = 0.9
@@ -71,15 +86,16 @@ def test_chunked_pipeline_with_small_chunks_matches_float64(ref, flavor):
     module, blocks = BLOCKS[flavor]
     fwd = functools.partial(module.forward, interpret=True, **blocks)
     grad_fn = functools.partial(module.grad_logits, interpret=True, **blocks)
-  lse, ent, tz, lsq = fwd(hidden, weight, targets, temperature=temperature, with_sum_sq=True)
-  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+  lse, ent, tz, lsq = fwd(hidden, weight, targets, temperature=temperature, with_sum_sq=True,
+                          softcap=softcap)
+  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent, softcap)
   logp = jnp.where(targets >= 0, tz - lse, 0.0)
   np.testing.assert_allclose(logp, want["logp"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ent, want["ent"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(lsq - 2 * lse, want["log_sum_sq"], rtol=1e-5, atol=1e-5)
   rows = xla_chunked.Rows(lse, lse - ent, jnp.where(targets >= 0, g_lp, 0.0) / temperature,
                           g_ent / temperature)
-  grad_fn = functools.partial(grad_fn, temperature=temperature)
+  grad_fn = functools.partial(grad_fn, temperature=temperature, softcap=softcap)
   dh, dw = xla_chunked.backward(grad_fn, hidden, weight, targets, rows, token_chunk=16,
                                 vocab_chunk=256)
   assert ref.rel_err(dh, want["dh"]) < 2e-5
@@ -101,17 +117,28 @@ def _export(fn, platform, *args):
 KERNEL_CALL = {"cuda": TRITON, "tpu": "tpu_custom_call"}
 
 
+def _kernel_bodies(text, platform):
+  """The exported kernels' bodies as bytes: Triton IR (CUDA, escaped inline as `ir`) or Mosaic
+  bytecode (TPU, base64 in the backend config's `body`)."""
+  if platform == "cuda":
+    return [b.encode() for b in re.findall(r'ir = "([^"]*)"', text)]
+  body = r"\\22body\\22: \\22([A-Za-z0-9+/=]+)\\22"
+  return [base64.b64decode(b) for b in re.findall(body, text)]
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("impl", ["pallas", "auto"])
+@pytest.mark.parametrize("impl,softcap", [("pallas", None), ("auto", None), ("pallas", 30.0)],
+                         ids=["pallas", "auto", "pallas-cap30"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
-def test_op_forward_and_gradient_lower_for_gpu_and_tpu(ref, platform, impl, dtype):
+def test_op_forward_and_gradient_lower_for_gpu_and_tpu(ref, platform, impl, softcap, dtype):
   """The public op, forward and gradient, exported on this CPU host for CUDA and TPU: the
-  platform switch picks the kernels, and lowering them must succeed (log sum p^2 included)."""
+  platform switch picks the kernels, and lowering them must succeed (log sum p^2 included,
+  and the soft-cap's tanh in both kernels)."""
   hidden, weight, targets, g_lp, g_ent = ref.make_inputs(5, N, D, V, dtype)
 
   def fwd(h, w):
-    return token_logprobs(h, w, targets, temperature=0.7, return_entropy=True,
-                          return_log_sum_sq=True, impl=impl)
+    return token_logprobs(h, w, targets, temperature=0.7, logit_softcap=softcap,
+                          return_entropy=True, return_log_sum_sq=True, impl=impl)
 
   def grad(h, w):
     def loss(h, w):
@@ -122,6 +149,9 @@ def test_op_forward_and_gradient_lower_for_gpu_and_tpu(ref, platform, impl, dtyp
   for fn, n_calls in ((fwd, 1), (grad, 2)):  # the gradient: forward + grad-logits kernels
     text = _export(fn, platform, hidden, weight)
     assert text.count(KERNEL_CALL[platform]) >= n_calls
+    bodies = _kernel_bodies(text, platform)  # every kernel has the cap's tanh, or none does
+    assert len(bodies) >= n_calls
+    assert all((b"tanh" in body) == (softcap is not None) for body in bodies)
 
 
 @pytest.mark.parametrize("flavor,platform", [("gpu", "cuda"), ("tpu", "tpu")])

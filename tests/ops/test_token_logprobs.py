@@ -1,4 +1,5 @@
-"""token_logprobs: every impl against a float64 NumPy reference (values and both gradients)."""
+"""token_logprobs: every impl against a float64 NumPy reference (values and both gradients),
+with and without a logit soft-cap."""
 
 import zlib
 
@@ -13,14 +14,15 @@ ODD = (47, 33, 1003)  # N, D, V: nothing a multiple of a block
 MID = (300, 64, 9000)  # two full XLA vocab chunks and a tail; several kernel blocks
 # (max error / max |reference|) allowed: logp and entropy, gradients.
 TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-4, 1e-2)}
+CAP = 5.0  # a logit soft-cap that matters for logits of order 1-5 (Gemma 2 uses 30)
 
 
-def _run(impl, hidden, weight, targets, g_lp, g_ent, temperature, with_entropy):
+def _run(impl, hidden, weight, targets, g_lp, g_ent, temperature, with_entropy, softcap=None):
   """(outputs, (dh, dw)) of sum(g_lp * logp) [+ sum(g_ent * ent)], jitted. With the entropy the
   op also returns log sum p^2, and the loss adds it: it must contribute no gradient."""
 
   def loss(h, w):
-    out = token_logprobs(h, w, targets, temperature=temperature,
+    out = token_logprobs(h, w, targets, temperature=temperature, logit_softcap=softcap,
                          return_entropy=with_entropy, return_log_sum_sq=with_entropy, impl=impl)
     if with_entropy:
       logp, ent, log_sum_sq = out
@@ -34,17 +36,18 @@ def _run(impl, hidden, weight, targets, g_lp, g_ent, temperature, with_entropy):
 
 @pytest.mark.parametrize("impl", ["naive", "xla", "pallas", "pallas_gpu", "auto"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape,temperature,with_entropy",
-                         [(ODD, 0.7, True), (ODD, 1.0, False), (MID, 1.3, True)],
-                         ids=["odd-T0.7-ent", "odd-T1", "mid-T1.3-ent"])
-def test_matches_float64_reference(ref, impl, dtype, shape, temperature, with_entropy):
+@pytest.mark.parametrize("shape,temperature,with_entropy,softcap",
+                         [(ODD, 0.7, True, None), (ODD, 1.0, False, None),
+                          (MID, 1.3, True, None), (ODD, 0.6, True, CAP)],
+                         ids=["odd-T0.7-ent", "odd-T1", "mid-T1.3-ent", "odd-T0.6-ent-cap5"])
+def test_matches_float64_reference(ref, impl, dtype, shape, temperature, with_entropy, softcap):
   seed = zlib.crc32(f"{impl}{dtype.__name__}{shape}{temperature}".encode())
   hidden, weight, targets, g_lp, g_ent = ref.make_inputs(seed, *shape, dtype)
   if not with_entropy:
     g_ent = jnp.zeros_like(g_ent)
   outs, (dh, dw) = _run(impl, hidden, weight, targets, g_lp, g_ent, temperature,
-                        with_entropy)
-  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+                        with_entropy, softcap)
+  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent, softcap)
   tol_out, tol_grad = TOL[dtype]
   assert outs[0].dtype == jnp.float32 and outs[0].shape == (shape[0],)
   assert ref.rel_err(outs[0], want["logp"]) < tol_out
@@ -56,6 +59,11 @@ def test_matches_float64_reference(ref, impl, dtype, shape, temperature, with_en
   assert dh.dtype == dtype and dw.dtype == dtype
   assert ref.rel_err(dh, want["dh"]) < tol_grad
   assert ref.rel_err(dw, want["dw"]) < tol_grad
+  if softcap is not None:  # the cap matters here: far from the uncapped numbers
+    plain = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+    for name, got in (("logp", outs[0]), ("ent", outs[1]), ("log_sum_sq", outs[2]), ("dh", dh),
+                      ("dw", dw)):
+      assert ref.rel_err(got, plain[name]) > 0.05, name
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -91,19 +99,28 @@ def test_log_sum_sq_alone_and_without_gradient(ref, impl):
   assert not np.any(np.asarray(dh)) and not np.any(np.asarray(dw))
 
 
-def test_reference_gradients_match_finite_differences(ref):
-  """The float64 reference's analytic gradients are right (central differences)."""
+@pytest.mark.parametrize("softcap", [None, 1.5])
+def test_reference_gradients_match_finite_differences(ref, softcap):
+  """The float64 reference's analytic gradients are right (central differences), through the
+  soft-cap's tanh too (a cap of 1.5 bends logits of order 1-5 hard)."""
   hidden, weight, targets, g_lp, g_ent = ref.make_inputs(5, 5, 4, 7, jnp.float32)
   h, w = ref.as_f64(hidden), ref.as_f64(weight)
-  want = ref.reference(h, w, targets, 0.8, g_lp, g_ent)
+  want = ref.reference(h, w, targets, 0.8, g_lp, g_ent, softcap)
 
   def loss(h_, w_):
-    r = ref.reference(h_, w_, targets, 0.8, g_lp, g_ent)
+    r = ref.reference(h_, w_, targets, 0.8, g_lp, g_ent, softcap)
     return np.sum(ref.as_f64(g_lp) * r["logp"]) + np.sum(ref.as_f64(g_ent) * r["ent"])
 
   numeric = ref.central_differences(loss, h, w, eps=1e-6)
   for name in ("dh", "dw"):
     np.testing.assert_allclose(want[name], numeric[name], rtol=1e-6, atol=1e-8)
+  if softcap is not None:  # the capped logits and log-probs are those of cap * tanh(x / cap)
+    z = softcap * np.tanh(h @ w / softcap) / 0.8
+    logp_all = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    t = np.asarray(targets)
+    np.testing.assert_allclose(want["logp"], np.where(t >= 0, logp_all[np.arange(5), t], 0.0))
+    plain = ref.reference(h, w, targets, 0.8, g_lp, g_ent)
+    assert np.max(np.abs(want["logp"] - plain["logp"])) > 0.1
 
 
 def test_ignored_targets_give_zero_and_no_gradient(ref):
@@ -122,11 +139,28 @@ def test_ignored_targets_give_zero_and_no_gradient(ref):
 @pytest.mark.parametrize("kwargs,error", [
     (dict(impl="fast"), "impl='fast'"),
     (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(logit_softcap=0.0), "logit_softcap must be a finite number > 0 or None; got 0.0"),
+    (dict(logit_softcap=-30), "logit_softcap must be a finite number > 0 or None; got -30.0"),
+    (dict(logit_softcap=float("inf")), "logit_softcap must be a finite number > 0 .* got inf"),
+    (dict(logit_softcap=float("nan")), "logit_softcap must be a finite number > 0 .* got nan"),
+    (dict(logit_softcap="30"), "logit_softcap must be a number > 0 or None; got '30'"),
+    (dict(logit_softcap=True), "logit_softcap must be a number > 0 or None; got True"),
+    (dict(logit_softcap=np.full((2, 2), 30.0)), r"logit_softcap .* got float64\[2, 2\]"),
 ])
 def test_bad_options_fail_with_one_line_errors(ref, kwargs, error):
   hidden, weight, targets, _, _ = ref.make_inputs(0, 8, 4, 16, jnp.float32)
-  with pytest.raises(ValueError, match=error):
+  with pytest.raises(ValueError, match=error) as info:
     token_logprobs(hidden, weight, targets, **kwargs)
+  assert "\n" not in str(info.value)
+
+
+def test_softcap_accepts_concrete_numbers(ref):
+  """An int, a NumPy or a concrete JAX scalar is a cap like the Python float it equals."""
+  hidden, weight, targets, _, _ = ref.make_inputs(0, 8, 4, 16, jnp.float32)
+  want = token_logprobs(hidden, weight, targets, logit_softcap=2.0, impl="xla")
+  for cap in (2, np.float32(2.0), jnp.asarray(2.0)):
+    np.testing.assert_array_equal(token_logprobs(hidden, weight, targets, logit_softcap=cap,
+                                                 impl="xla"), want)
 
 
 def test_bad_shapes_and_traced_temperature_fail(ref):
@@ -137,3 +171,7 @@ def test_bad_shapes_and_traced_temperature_fail(ref):
     token_logprobs(hidden, weight, targets.astype(jnp.float32))
   with pytest.raises(TypeError, match="temperature must be a Python number"):
     jax.jit(lambda t: token_logprobs(hidden, weight, targets, temperature=t))(1.0)
+  with pytest.raises(TypeError, match=r"logit_softcap must be a Python number or None \(it is "
+                     r"static\)") as info:
+    jax.jit(lambda c: token_logprobs(hidden, weight, targets, logit_softcap=c))(30.0)
+  assert "\n" not in str(info.value)

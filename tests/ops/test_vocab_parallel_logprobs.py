@@ -11,6 +11,7 @@ from jaxalign.ops import token_logprobs, vocab_parallel_token_logprobs
 
 N, D, V = 48, 33, 1002  # 12 tokens and 501 vocab columns per shard
 TOL = {jnp.float32: (1e-5, 2e-5), jnp.bfloat16: (1e-4, 1e-2)}
+CAP = 5.0  # a logit soft-cap that bends logits of order 1-5 (Gemma 2 uses 30)
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +31,19 @@ def _sharded_inputs(ref, mesh, seed, dtype):
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_vocab_parallel_matches_unsharded_reference(ref, mesh, impl, dtype):
+@pytest.mark.parametrize("softcap", [None, CAP], ids=["nocap", "cap5"])
+def test_vocab_parallel_matches_unsharded_reference(ref, mesh, impl, dtype, softcap):
   hidden, weight, targets, g_lp, g_ent = _sharded_inputs(ref, mesh, 11, dtype)
   temperature = 0.8
 
   def loss(h, w):  # log sum p^2 has no gradient: adding it changes nothing below
     logp, ent, log_sum_sq = vocab_parallel_token_logprobs(
-        h, w, targets, mesh, temperature=temperature, return_entropy=True, return_log_sum_sq=True, impl=impl)
+        h, w, targets, mesh, temperature=temperature, logit_softcap=softcap, return_entropy=True,
+        return_log_sum_sq=True, impl=impl)
     return jnp.sum(g_lp * logp) + jnp.sum(g_ent * ent) + jnp.sum(log_sum_sq), (logp, ent, log_sum_sq)
 
   (dh, dw), (logp, ent, log_sum_sq) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(hidden, weight)
-  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+  want = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent, softcap)
   tol_out, tol_grad = TOL[dtype]
   assert ref.rel_err(logp, want["logp"]) < tol_out
   assert ref.rel_err(ent, want["ent"]) < tol_out
@@ -50,6 +53,9 @@ def test_vocab_parallel_matches_unsharded_reference(ref, mesh, impl, dtype):
   assert ref.rel_err(dw, want["dw"]) < tol_grad
   assert dw.sharding.is_equivalent_to(weight.sharding, 2)
   assert logp.sharding.is_equivalent_to(targets.sharding, 1)
+  if softcap is not None:  # the cap matters here: far from the uncapped numbers
+    plain = ref.reference(hidden, weight, targets, temperature, g_lp, g_ent)
+    assert ref.rel_err(logp, plain["logp"]) > 0.05 and ref.rel_err(dw, plain["dw"]) > 0.05
 
 
 def test_vocab_parallel_equals_single_device_op(ref, mesh):
@@ -73,3 +79,9 @@ def test_vocab_parallel_rejects_uneven_vocab(ref, mesh):
   hidden, weight, targets, _, _ = ref.make_inputs(0, N, D, 1001, jnp.float32)
   with pytest.raises(ValueError, match="V=1001 must divide"):
     vocab_parallel_token_logprobs(hidden, weight, targets, mesh)
+
+
+def test_vocab_parallel_checks_the_softcap(ref, mesh):
+  hidden, weight, targets, _, _ = ref.make_inputs(0, N, D, V, jnp.float32)
+  with pytest.raises(ValueError, match="logit_softcap must be a finite number > 0"):
+    vocab_parallel_token_logprobs(hidden, weight, targets, mesh, logit_softcap=-1.0)
