@@ -13,6 +13,7 @@ issue 9's.
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import re
 import subprocess
@@ -28,7 +29,7 @@ DPO_1B = ["data.batch_size=4", "data.max_length=1024", "data.max_prompt_length=5
 
 
 def model_keys(preset: str) -> list[str]:
-  return ["init_from=null"] + [f"model.{k}={v}" for k, v in PRESETS[preset].items()]
+  return ["init_from=null"] + [f"model.{k}={json.dumps(v)}" for k, v in PRESETS[preset].items()]
 
 
 # name -> (recipe or None, overrides, devices, goal in GiB, what the row is)
@@ -47,6 +48,10 @@ ROWS = {
                      "configs/llama_70b_dpo.yaml: 64 devices, 4 rows x 2048 tokens per device"),
   "1b-sft-32k-recipe": ("configs/llama_1b_sft_32k.yaml", model_keys("1b"), 1, 40.0,
                         "configs/llama_1b_sft_32k.yaml: one row of 32768 tokens, 1 device"),
+  "gemma2-2b-dpo-recipe": ("configs/gemma2_2b_dpo.yaml", model_keys("gemma2-2b"), 8, 40.0,
+                           "configs/gemma2_2b_dpo.yaml: 8 devices, 4 pairs x 1024 tokens per device"),
+  "gemma3-1b-dpo-recipe": ("configs/gemma3_1b_dpo.yaml", model_keys("gemma3-1b"), 8, 40.0,
+                           "configs/gemma3_1b_dpo.yaml: 8 devices, 4 pairs x 2048 tokens per device"),
 }
 
 

@@ -32,6 +32,18 @@ PRESETS = {
              vocab_size=128256),
   "70b": dict(hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64, num_kv_heads=8,
               vocab_size=128256),
+  # google/gemma-2-2b: 26 layers alternating local (window 4096) and global, soft-caps 50 / 30, sandwich norms
+  "gemma2-2b": dict(family="gemma2", hidden_size=2304, intermediate_size=9216, num_layers=26, num_heads=8,
+                    num_kv_heads=4, head_dim=256, vocab_size=256000, tie_embeddings=True, activation="gelu_tanh",
+                    scale_embeddings=True, norm_offset=True, sandwich_norms=True, sliding_window=4096,
+                    sliding_layers=[i % 2 == 0 for i in range(26)], attn_logit_softcap=50.0,
+                    final_logit_softcap=30.0, query_pre_attn_scalar=256),
+  # google/gemma-3-1b-it: 26 layers, 5 local (window 512, RoPE base 10k) per global one (RoPE base 1M), q/k norms
+  "gemma3-1b": dict(family="gemma3_text", hidden_size=1152, intermediate_size=6912, num_layers=26, num_heads=4,
+                    num_kv_heads=1, head_dim=256, vocab_size=262144, tie_embeddings=True, activation="gelu_tanh",
+                    scale_embeddings=True, norm_offset=True, sandwich_norms=True, qk_norm=True,
+                    sliding_window=512, sliding_layers=[(i + 1) % 6 != 0 for i in range(26)],
+                    rope={"theta": 1_000_000.0}, rope_local={"theta": 10_000.0}, query_pre_attn_scalar=256),
 }
 
 

@@ -75,7 +75,7 @@ def _head_logps(model, hidden, targets, temperature, impl, logit_floor, **extras
   weight = model.head_weight().astype(hidden.dtype)
   floor = None if logit_floor is None else logit_floor.reshape(-1)
   out = ops.token_logprobs(hidden.reshape(r * t, d), weight, targets.reshape(-1), temperature=temperature,
-                           logit_floor=floor, impl=impl, **extras)
+                           logit_floor=floor, logit_softcap=model.config.final_logit_softcap, impl=impl, **extras)
   return tuple(x.reshape(r, t) for x in (out if isinstance(out, tuple) else (out,)))
 
 

@@ -92,7 +92,7 @@ class Attention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
     self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
-    self.softcap, self.impl = cfg.attn_logit_softcap, cfg.attention_impl
+    self.softcap, self.impl, self.scale = cfg.attn_logit_softcap, cfg.attention_impl, cfg.attention_scale
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: MaskInfo, window=None) -> jax.Array:
     """x [B, T, D], rotary tables [B, T, H], mask over T keys, window (int, traced int or None) -> [B, T, D]."""
@@ -177,7 +177,7 @@ class Attention(nnx.Module):
                     k_positions=mask.q_positions if self_attention else mask.k_positions,
                     q_segment_ids=mask.q_segment_ids,
                     k_segment_ids=mask.q_segment_ids if self_attention else mask.k_segment_ids,
-                    window=window, softcap=self.softcap,
+                    window=window, softcap=self.softcap, scale=self.scale,
                     impl=self.impl if kernel_fits or self.impl in ("naive", "xla") else "auto")
     if layout is not None:
       out = sharding.constrain(out, layout)

@@ -1,4 +1,4 @@
-"""Configuration of the causal decoder family (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma)."""
+"""Configuration of the causal decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 1/2/3; see `models.families`)."""
 
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ class RopeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """One causal decoder whose switches cover the Llama, Mistral, Qwen2, Qwen3 and Gemma families.
+  """One causal decoder whose switches cover the families of `models.families`.
 
   Shape letters: D hidden size, F MLP width, N query heads, K key/value heads, H head dim, V vocab.
   """
 
-  # HF `model_type` this config round-trips to: llama, mistral, qwen2, qwen3 or gemma.
+  # HF `model_type` this config round-trips to (`models.families.FAMILIES`).
   family: str = "llama"
   vocab_size: int = 256  # V
   hidden_size: int = 64  # D
@@ -76,6 +76,15 @@ class ModelConfig:
   pad_token_id: int | None = None
   # Gemma 2: attention logits become softcap * tanh(logits / softcap) (None: off).
   attn_logit_softcap: float | None = None
+  # Gemma 2: the LM head's logits become cap * tanh(logits / cap) (None: off), in sampling and in every
+  # log-prob path (`ops.token_logprobs(logit_softcap=...)`).
+  final_logit_softcap: float | None = None
+  # Gemma 2 / 3: attention scores are scaled by query_pre_attn_scalar ** -0.5 instead of H ** -0.5.
+  query_pre_attn_scalar: int | None = None
+  # Gemma 2 / 3: RMSNorm before and after attention and before and after the MLP (x + norm(attn(norm(x)))).
+  sandwich_norms: bool = False
+  # Gemma 3: the RoPE of sliding-window (local) layers; `rope` then serves the global ones (None: one RoPE).
+  rope_local: RopeConfig | None = None
   # dtype policy: parameters and activations; softmax, norms and logits are always float32.
   param_dtype: str = "float32"
   dtype: str = "float32"
@@ -128,6 +137,19 @@ class ModelConfig:
   def weight_dtype(self):
     return DTYPES[self.param_dtype]
 
+  @property
+  def attention_scale(self) -> float:
+    """The factor of q.k in the attention scores."""
+    return (self.head_size if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar) ** -0.5
+
+  def ropes(self) -> tuple[RopeConfig, ...]:
+    """The distinct RoPEs of the layers: (rope,) or (rope, rope_local); `layer_rope` indexes it."""
+    return (self.rope,) if self.rope_local is None else (self.rope, self.rope_local)
+
+  def layer_rope(self, layer: int) -> int:
+    """Which of `ropes()` layer `layer` uses: 1 (local) for a sliding-window layer when rope_local is set."""
+    return int(self.rope_local is not None and self.layer_window(layer) is not None)
+
   def layer_window(self, layer: int) -> int | None:
     """The sliding-window span of `layer`, or None for full causal attention."""
     if self.sliding_window is None:
@@ -149,24 +171,7 @@ class ModelConfig:
     attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
+    layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (2 * h if self.qk_norm else 0)
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + self.num_layers * layer + d + head
 
-
-# Small presets, one per family, for tests and the CPU default run.
-def tiny(family: str = "llama", **overrides) -> ModelConfig:
-  """A 2-layer, 64-wide model of the given family, for tests and laptop runs."""
-  family_switches = {
-    "llama": {},
-    "llama3": dict(rope=RopeConfig(theta=500_000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
-                                   high_freq_factor=4.0, original_max_position_embeddings=16)),
-    "mistral": dict(family="mistral", sliding_window=4),
-    "qwen2": dict(family="qwen2", qkv_bias=True, tie_embeddings=True),
-    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=32),
-    "gemma": dict(family="gemma", activation="gelu_tanh", scale_embeddings=True, norm_offset=True,
-                  tie_embeddings=True, head_dim=32, num_kv_heads=1),
-  }
-  if family not in family_switches:
-    raise ValueError(f"unknown family {family!r}; choose one of {tuple(family_switches)}")
-  return ModelConfig(**{**family_switches[family], **overrides})

@@ -12,7 +12,8 @@ from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_ax
                                       sequence_mask_info)
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.layers import Dense, Embed, RMSNorm
-from jaxalign.models.rope import inverse_frequencies, rotary_tables
+from jaxalign.ops.xla_chunked import soft_cap
+from jaxalign.models.rope import model_rotary_tables
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
@@ -33,31 +34,45 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+  """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). With `sandwich_norms` (Gemma 2 / 3)
+  each branch's output is normed too: x + norm(attn(norm(x))), then + norm(mlp(norm(x))). Norm names are HF's:
+  `post_attention_layernorm` is the MLP's input norm in the plain block, the attention's output norm in the
+  sandwich one (whose MLP norms are `pre_feedforward_layernorm` / `post_feedforward_layernorm`)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     norm_kw = dict(eps=cfg.rms_norm_eps, offset=cfg.norm_offset, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
     self.self_attn = Attention(cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+    if cfg.sandwich_norms:
+      self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
+      self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
     self.mlp = MLP(cfg, rngs=rngs)
+    self.sandwich = cfg.sandwich_norms
 
   def __call__(self, x, cos, sin, mask: MaskInfo, window=None):
-    return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, mask, window))
+    return self._mlp(self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, window)))
 
   def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None,
              layer=None) -> tuple[LayerCache, jax.Array]:
     """The block with a KV cache (see `Attention.decode`, also for `layer`). Returns (new_cache, x [B, T, D])."""
     cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window, layer)
-    return cache, self._mlp(x + attn)
+    return cache, self._mlp(self._residual(x, attn))
 
   def shared_prefix(self, x: tuple, cos: tuple, sin: tuple, mask: tuple, window=None) -> tuple:
     """The block on (prefixes, suffixes) pairs (see `Attention.shared_prefix`)."""
     attn = self.self_attn.shared_prefix(tuple(self.input_layernorm(part) for part in x), cos, sin, mask, window)
-    return tuple(self._mlp(part + a) for part, a in zip(x, attn))
+    return tuple(self._mlp(self._residual(part, a)) for part, a in zip(x, attn))
+
+  def _residual(self, x, attn):
+    """x plus the attention branch (normed first with sandwich norms)."""
+    return x + (self.post_attention_layernorm(attn) if self.sandwich else attn)
 
   def _mlp(self, x):
-    x = x + self.mlp(self.post_attention_layernorm(x))
+    if self.sandwich:
+      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+    else:
+      x = x + self.mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
 
@@ -116,7 +131,7 @@ class Decoder(nnx.Module):
       segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask.astype(jnp.int32)
     if positions is None:
       positions = default_positions(segment_ids)
-    cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
+    cos, sin = model_rotary_tables(cfg, positions)
     x = layer_stack.forward(self.layers, cfg, self._embed(input_ids), cos, sin, sequence_mask_info(segment_ids))
     return self.norm(x)
 
@@ -137,8 +152,7 @@ class Decoder(nnx.Module):
     prefix_pos = default_positions(prefix_seg)
     start = jnp.repeat(jnp.sum(prefix_seg, axis=1, dtype=jnp.int32), group)  # [G*n] each suffix's first position
     suffix_pos = start[:, None] + jnp.arange(suffix_ids.shape[1], dtype=jnp.int32)  # [G*n, S]
-    inv_freq = inverse_frequencies(cfg.rope, cfg.head_size)
-    (cos_p, sin_p), (cos_s, sin_s) = rotary_tables(prefix_pos, inv_freq), rotary_tables(suffix_pos, inv_freq)
+    (cos_p, sin_p), (cos_s, sin_s) = model_rotary_tables(cfg, prefix_pos), model_rotary_tables(cfg, suffix_pos)
     repeat = lambda x: jnp.repeat(x, group, axis=0)
     # Keys of a suffix row: its prefix's P tokens, then its own S; the causal rule runs on positions, which
     # grow from the prefix into the suffix.
@@ -162,7 +176,7 @@ class Decoder(nnx.Module):
     valid = jnp.ones_like(input_ids, bool) if segment_ids is None else segment_ids != 0
     k_positions = jax.lax.dynamic_update_slice(cache["positions"], positions.astype(jnp.int32), (0, index))
     k_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-    cos, sin = rotary_tables(positions, inverse_frequencies(cfg.rope, cfg.head_size))
+    cos, sin = model_rotary_tables(cfg, positions)
     mask = cache_mask_info(positions, k_positions, k_valid)
     layer_caches, x = layer_stack.decode(self.layers, cfg, self._embed(input_ids), cos, sin, mask,
                                          cache["layers"], index)
@@ -219,9 +233,11 @@ class CausalLM(nnx.Module):
     return self.lm_head.kernel[...]
 
   def logits(self, hidden: jax.Array) -> jax.Array:
-    """float32 logits [..., V] from hidden states [..., D]. Only for eval and sampling."""
+    """float32 logits [..., V] from hidden states [..., D] (soft-capped for Gemma 2). Only for eval and
+    sampling: training reads log-probs through `ops.token_logprobs`, which applies the same cap."""
     weight = self.head_weight().astype(self.config.compute_dtype)
-    return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+    return soft_cap(logits, self.config.final_logit_softcap)
 
   def __call__(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
     """Logits [B, T, V] (float32)."""

@@ -21,16 +21,8 @@ from safetensors.numpy import save_file
 from jaxalign import sharding
 from jaxalign.models.config import DTYPES, ModelConfig, RopeConfig
 from jaxalign.models.decoder import CausalLM, ScalarModel
+from jaxalign.models.families import FAMILIES, Family
 
-# Switches that each HF model_type fixes; everything else comes from config.json.
-FAMILIES = {
-  "llama": dict(qkv_bias=False, qk_norm=False, scale_embeddings=False, norm_offset=False),
-  "mistral": dict(qkv_bias=False, qk_norm=False, scale_embeddings=False, norm_offset=False),
-  "qwen2": dict(qkv_bias=True, qk_norm=False, scale_embeddings=False, norm_offset=False),
-  "qwen3": dict(qkv_bias=False, qk_norm=True, scale_embeddings=False, norm_offset=False),
-  "gemma": dict(qkv_bias=False, qk_norm=False, scale_embeddings=True, norm_offset=True),
-}
-_HF_CLASS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma"}
 _ACTIVATION_FROM_HF = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                        "gelu_new": "gelu_tanh"}
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)
@@ -44,11 +36,19 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- config.json
 
 
-def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
-  params = dict(hf.get("rope_parameters") or {})
-  legacy = hf.get("rope_scaling") or {}  # transformers < 5 kept theta and scaling apart
-  params = {**legacy, **params}
-  theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+# config.json keys of the Gemma 2 / 3 attention and head, and the ModelConfig fields they fill.
+_GEMMA_KEYS = {"attn_logit_softcapping": "attn_logit_softcap", "final_logit_softcapping": "final_logit_softcap",
+               "query_pre_attn_scalar": "query_pre_attn_scalar"}
+
+
+def _rope_from_hf(hf: dict, where: str, params: dict | None = None, theta: float | None = None) -> RopeConfig:
+  """The RoPE of config.json's `rope_parameters` (or `params`, one layer type's entry; `theta` its legacy
+  base when the entry has none)."""
+  if params is None:
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}  # transformers < 5 kept theta and scaling apart
+    params = {**legacy, **params}
+  theta = params.get("rope_theta", theta if theta is not None else hf.get("rope_theta", 10_000.0))
   rope_type = params.get("rope_type", params.get("type", "default"))
   if rope_type not in ("default", "linear", "llama3"):
     raise CheckpointError(f"{where}: rope type {rope_type!r} is not supported (default, linear, llama3)")
@@ -57,77 +57,129 @@ def _rope_from_hf(hf: dict, where: str) -> RopeConfig:
   return RopeConfig(theta=float(theta), type=rope_type, **fields)
 
 
+def _ropes_from_hf(hf: dict, where: str, fam: Family) -> dict:
+  """{"rope": ..., "rope_local": ...} of config.json: one RoPE, or (Gemma 3) the global layers' and the local
+  ones', from `rope_parameters` per layer type or the legacy `rope_theta` / `rope_scaling` /
+  `rope_local_base_freq`."""
+  if not fam.rope_per_layer_type:
+    return {"rope": _rope_from_hf(hf, where)}
+  params = hf.get("rope_parameters") or {}
+  if "full_attention" in params:
+    return {"rope": _rope_from_hf(hf, where, dict(params["full_attention"])),
+            "rope_local": _rope_from_hf(hf, where, dict(params.get("sliding_attention") or {}))}
+  return {"rope": _rope_from_hf(hf, where, {**(hf.get("rope_scaling") or {}), **params}),
+          "rope_local": _rope_from_hf(hf, where, {}, hf.get("rope_local_base_freq", 10_000.0))}
+
+
+def _layer_types_default(fam: Family, num_layers: int, hf: dict) -> list[str]:
+  """Gemma's layer pattern when config.json predates `layer_types`: every `sliding_window_pattern`-th layer
+  (Gemma 3: 6) or every other one (Gemma 2) is global, the rest local."""
+  period = hf.get("sliding_window_pattern") or (6 if fam.rope_per_layer_type else 2)
+  return ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(num_layers)]
+
+
+def _sliding_from_hf(hf: dict, fam: Family, num_layers: int) -> tuple[int | None, tuple[bool, ...] | None]:
+  """(sliding_window, sliding_layers) of config.json, as the family marks them (`Family.sliding`)."""
+  window = hf.get("sliding_window")
+  if fam.sliding is None:
+    return None, None
+  if fam.sliding == "all":
+    return window, None
+  if fam.sliding == "qwen":
+    types = hf.get("layer_types") or ["full_attention"] * num_layers
+    layers = tuple(t == "sliding_attention" for t in types)
+    return (window, layers) if hf.get("use_sliding_window") and any(layers) else (None, None)
+  types = hf.get("layer_types") or _layer_types_default(fam, num_layers, hf)
+  layers = tuple(t == "sliding_attention" for t in types)
+  return (window, layers) if window is not None and any(layers) else (None, None)
+
+
 def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
   """ModelConfig from a parsed HF config.json (`where` names the file in errors)."""
-  family = hf.get("model_type")
-  if family not in FAMILIES:
-    raise CheckpointError(f"{where}: model_type {family!r} is not supported; supported: {sorted(FAMILIES)}")
-  act_name = hf.get("hidden_act") or hf.get("hidden_activation") or "silu"
+  name = hf.get("model_type")
+  if name not in FAMILIES:
+    raise CheckpointError(f"{where}: model_type {name!r} is not supported; supported: {sorted(FAMILIES)}")
+  fam = FAMILIES[name]
+  act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
   if act_name not in _ACTIVATION_FROM_HF:
     raise CheckpointError(f"{where}: hidden_act {act_name!r} is not supported")
-  for key in ("mlp_bias",) + (("attention_bias",) if family != "qwen2" else ()):
+  for key in ("mlp_bias",) + (("attention_bias",) if not fam.switches["qkv_bias"] else ()):
     if hf.get(key):
-      raise CheckpointError(f"{where}: {key}=true is not supported for model_type {family!r}")
-  num_layers = hf["num_hidden_layers"]
-  window, sliding_layers = hf.get("sliding_window"), None
-  if family in ("qwen2", "qwen3"):
-    types = hf.get("layer_types") or ["full_attention"] * num_layers
-    sliding_layers = tuple(t == "sliding_attention" for t in types)
-    if not hf.get("use_sliding_window") or not any(sliding_layers):
-      window, sliding_layers = None, None
+      raise CheckpointError(f"{where}: {key}=true is not supported for model_type {name!r}")
+  gemma = {field: hf[key] for key, field in _GEMMA_KEYS.items() if hf.get(key) is not None} if fam.gemma_keys else {}
   eos = hf.get("eos_token_id")
   try:
+    num_layers = hf["num_hidden_layers"]
+    window, sliding_layers = _sliding_from_hf(hf, fam, num_layers)
     return ModelConfig(
-      family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      family=name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"], num_layers=num_layers, num_heads=hf["num_attention_heads"],
       num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
-      rope=_rope_from_hf(hf, where), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
       max_position_embeddings=hf.get("max_position_embeddings", 2048), sliding_window=window,
       sliding_layers=sliding_layers, activation=_ACTIVATION_FROM_HF[act_name],
-      tie_embeddings=hf.get("tie_word_embeddings", family == "gemma"), bos_token_id=hf.get("bos_token_id"),
+      tie_embeddings=hf.get("tie_word_embeddings", fam.switches["norm_offset"]), bos_token_id=hf.get("bos_token_id"),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.get("pad_token_id"),
-      param_dtype=dtype, dtype=dtype, **FAMILIES[family])
+      param_dtype=dtype, dtype=dtype, **_ropes_from_hf(hf, where, fam), **gemma, **fam.switches)
   except KeyError as e:
     raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{where}: {e}") from None
+
+
+def _rope_to_hf(rope: RopeConfig) -> dict:
+  out = {"rope_type": rope.type, "rope_theta": rope.theta}
+  if rope.type != "default":
+    out["factor"] = rope.factor
+  if rope.type == "llama3":
+    out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor,
+               original_max_position_embeddings=rope.original_max_position_embeddings)
+  return out
 
 
 def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
   """The HF config.json dict for `cfg` (errors if a switch is not expressible in its model_type)."""
-  fixed = FAMILIES.get(cfg.family)
-  if fixed is None:
+  fam = FAMILIES.get(cfg.family)
+  if fam is None:
     raise CheckpointError(f"family {cfg.family!r} has no HF model_type; supported: {sorted(FAMILIES)}")
-  for key, value in fixed.items():
+  for key, value in fam.switches.items():
     if getattr(cfg, key) != value:
       raise CheckpointError(f"HF model_type {cfg.family!r} requires {key}={value}, config has {getattr(cfg, key)}")
-  if cfg.attn_logit_softcap is not None:
-    raise CheckpointError(f"HF model_type {cfg.family!r} has no attention logit soft-cap; config sets "
-                          f"attn_logit_softcap={cfg.attn_logit_softcap}")
-  rope = {"rope_type": cfg.rope.type, "rope_theta": cfg.rope.theta}
-  if cfg.rope.type != "default":
-    rope["factor"] = cfg.rope.factor
-  if cfg.rope.type == "llama3":
-    rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
-                original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
-  head = "ForSequenceClassification" if scalar_head else "ForCausalLM"
+  unsupported = [f"{field}={getattr(cfg, field)}" for field in _GEMMA_KEYS.values()
+                 if getattr(cfg, field) is not None and not fam.gemma_keys]
+  if cfg.rope_local is not None and not fam.rope_per_layer_type:
+    unsupported.append(f"rope_local={cfg.rope_local}")
+  if cfg.sliding_window is not None and fam.sliding is None:
+    unsupported.append(f"sliding_window={cfg.sliding_window}")
+  if unsupported:
+    raise CheckpointError(f"HF model_type {cfg.family!r} cannot express {', '.join(unsupported)}")
+  rope = _rope_to_hf(cfg.rope)
+  if fam.rope_per_layer_type:
+    rope = {"full_attention": rope, "sliding_attention": _rope_to_hf(cfg.rope_local or cfg.rope)}
+  activation = "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else cfg.activation
   hf = dict(
-    architectures=[_HF_CLASS[cfg.family] + head], model_type=cfg.family, vocab_size=cfg.vocab_size,
-    hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-    num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_size,
-    hidden_act="gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else cfg.activation,
-    rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
+    architectures=[fam.scalar_class if scalar_head else fam.causal_class], model_type=cfg.family,
+    vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+    num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+    head_dim=cfg.head_size, hidden_act=activation, rms_norm_eps=cfg.rms_norm_eps,
+    max_position_embeddings=cfg.max_position_embeddings, rope_parameters=rope,
     tie_word_embeddings=cfg.tie_embeddings, bos_token_id=cfg.bos_token_id,
     eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
     pad_token_id=cfg.pad_token_id, dtype=cfg.param_dtype, attention_bias=cfg.qkv_bias)
   if scalar_head:
     hf.update(num_labels=1, id2label={0: "LABEL_0"}, label2id={"LABEL_0": 0})
-  if cfg.family == "mistral":
+  if fam.gemma_keys:  # None is a value here: no cap (transformers' Gemma 2 defaults would cap)
+    hf.update({key: getattr(cfg, field) for key, field in _GEMMA_KEYS.items()}, hidden_activation=activation)
+    if cfg.query_pre_attn_scalar is None:
+      hf["query_pre_attn_scalar"] = cfg.head_size
+  layer_types = ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.num_layers)]
+  if fam.sliding == "all":
     hf["sliding_window"] = cfg.sliding_window
-  elif cfg.family in ("qwen2", "qwen3"):
+  elif fam.sliding == "qwen":
     hf.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
-              layer_types=["sliding_attention" if cfg.layer_window(i) else "full_attention"
-                           for i in range(cfg.num_layers)])
-  elif cfg.sliding_window is not None:
-    raise CheckpointError(f"HF model_type {cfg.family!r} has no sliding window; config sets {cfg.sliding_window}")
+              layer_types=layer_types)
+  elif fam.sliding == "layer_types":
+    hf.update(sliding_window=cfg.sliding_window, layer_types=layer_types)
   return hf
 
 

@@ -62,6 +62,29 @@ def _windows(cfg: ModelConfig):
   return None, jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
 
+def _ropes(cfg: ModelConfig):
+  """Which RoPE table each layer takes (`ModelConfig.layer_rope`): a static index shared by every layer, or
+  the per-layer indices [L] as data."""
+  ropes = [cfg.layer_rope(i) for i in range(cfg.num_layers)]
+  if len(set(ropes)) == 1:
+    return ropes[0], None
+  return None, jnp.asarray(ropes, jnp.int32)
+
+
+def _table(tables, index):
+  """The rotary tables [B, T, H] of RoPE `index` (static or traced) from [R, B, T, H] ones (or pairs of them)."""
+  return jax.tree.map(lambda t: t[index], tables)
+
+
+def _per_layer(cfg: ModelConfig):
+  """(static window, static rope, xs): what every layer of a scan shares, and the per-layer data it does not
+  ({"window": [L], "rope": [L]}, only the keys that vary)."""
+  static_window, windows = _windows(cfg)
+  static_rope, ropes = _ropes(cfg)
+  xs = {k: v for k, v in (("window", windows), ("rope", ropes)) if v is not None}
+  return static_window, static_rope, xs
+
+
 def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = True, method: str = "__call__"):
   """apply(params, x, cos, sin, mask, window) -> x for one block's `method`, rematerialised by `policy`.
 
@@ -80,22 +103,26 @@ def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = Tru
 
 def forward(layers, cfg: ModelConfig, x, cos, sin, mask, method: str = "__call__"):
   """x [B, T, D] through every block (loop or scan). `layers`: nnx.List of blocks, or one stacked block.
+  cos, sin: the model's rotary tables [R, B, T, H] (`rope.model_rotary_tables`); each layer takes its own.
   method: the blocks' method; "shared_prefix" takes (prefixes, suffixes) pairs of x, cos, sin and mask."""
   policy = remat_policy(cfg.remat)
   if not cfg.scan_layers:
     for i, block in enumerate(layers):
       graphdef, params = nnx.split(block)
-      x = _block_fn(graphdef, policy, method=method)(params, x, cos, sin, mask, cfg.layer_window(i))
+      r = cfg.layer_rope(i)
+      x = _block_fn(graphdef, policy, method=method)(params, x, _table(cos, r), _table(sin, r), mask,
+                                                     cfg.layer_window(i))
     return x
   graphdef, params = nnx.split(layers)
-  static_window, windows = _windows(cfg)
-  apply = _block_fn(graphdef, policy, in_scan=True, static_window=windows is None, method=method)
+  static_window, static_rope, xs = _per_layer(cfg)
+  apply = _block_fn(graphdef, policy, in_scan=True, static_window="window" not in xs, method=method)
 
   def body(x, layer):
-    params_i, *window_i = layer
-    return apply(params_i, x, cos, sin, mask, window_i[0] if window_i else static_window), None
+    params_i, data = layer
+    r = data.get("rope", static_rope)
+    return apply(params_i, x, _table(cos, r), _table(sin, r), mask, data.get("window", static_window)), None
 
-  return jax.lax.scan(body, x, (params,) if windows is None else (params, windows))[0]
+  return jax.lax.scan(body, x, (params, xs))[0]
 
 
 def init_layer_caches(cfg: ModelConfig, kv: jax.Array):
@@ -111,21 +138,22 @@ def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, cac
   if not cfg.scan_layers:
     new_caches = []
     for i, block in enumerate(layers):
-      cache, x = block.decode(x, cos, sin, mask, caches[i], index, cfg.layer_window(i))
+      r = cfg.layer_rope(i)
+      cache, x = block.decode(x, cos[r], sin[r], mask, caches[i], index, cfg.layer_window(i))
       new_caches.append(cache)
     return tuple(new_caches), x
   graphdef, params = nnx.split(layers)
-  static_window, windows = _windows(cfg)
+  static_window, static_rope, xs = _per_layer(cfg)
 
   def body(carry, layer):
     x, caches = carry  # {"k", "v"} [L, B, K, S, H]
-    i, params_i, *window_i = layer
+    i, params_i, data = layer
     block = nnx.merge(graphdef, params_i)
+    r = data.get("rope", static_rope)
     # Layer i writes only its new entries into the stack and reads its own slice: slicing the layer's
     # [B, K, S, H] out and writing all of it back made XLA copy the whole stacked cache every step.
-    caches, x = block.decode(x, cos, sin, mask, caches, index, window_i[0] if window_i else static_window, layer=i)
+    caches, x = block.decode(x, cos[r], sin[r], mask, caches, index, data.get("window", static_window), layer=i)
     return (x, caches), None
 
-  layers_xs = (jnp.arange(cfg.num_layers), params) + (() if windows is None else (windows,))
-  (x, caches), _ = jax.lax.scan(body, (x, caches), layers_xs)
+  (x, caches), _ = jax.lax.scan(body, (x, caches), (jnp.arange(cfg.num_layers), params, xs))
   return caches, x

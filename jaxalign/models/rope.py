@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.models.config import RopeConfig
+from jaxalign.models.config import ModelConfig, RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -35,6 +35,13 @@ def rotary_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array
   freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, H]
   return jnp.cos(emb), jnp.sin(emb)
+
+
+def model_rotary_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos and sin [R, B, T, H] of each of the model's R RoPEs (`ModelConfig.ropes`; a layer takes table
+  `cfg.layer_rope(layer)`) at positions [B, T]."""
+  tables = [rotary_tables(positions, inverse_frequencies(rope, cfg.head_size)) for rope in cfg.ropes()]
+  return jnp.stack([c for c, _ in tables]), jnp.stack([s for _, s in tables])
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

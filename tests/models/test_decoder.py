@@ -27,7 +27,8 @@ def test_packed_row_equals_documents_run_separately(family):
     start += len(doc)
 
 
-@pytest.mark.parametrize("family,scan", [("llama", False), ("mistral", True), ("gemma", False), ("qwen3", True)])
+@pytest.mark.parametrize("family,scan", [("llama", False), ("mistral", True), ("gemma", False), ("qwen3", True),
+                                         ("gemma3_text", True)])
 def test_shared_prefix_equals_each_row_run_whole(family, scan):
   # Two left-padded prefixes (lengths 5, 2), three right-padded suffixes each (one empty); mistral's window of 4
   # reaches back into the prefix, and a suffix of the short prefix starts at position 2, not 5.

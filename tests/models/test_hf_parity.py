@@ -1,4 +1,4 @@
-"""Logits parity with transformers' PyTorch models, both directions, for every supported family."""
+"""Logits parity with transformers' PyTorch models, both directions, for every family of `models.families`."""
 
 import json
 
@@ -10,7 +10,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxalign.models import CausalLM, ScalarModel, last_token_values, load_hf, save_hf, tiny
+from jaxalign.models import FAMILIES, CausalLM, ScalarModel, last_token_values, load_hf, save_hf, tiny
 from jaxalign.models.decoder import default_positions
 from jaxalign.models.hf import CheckpointError
 
@@ -29,6 +29,15 @@ HF_CONFIGS = {
   "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
   "qwen3": ("Qwen3Config", dict(head_dim=24)),
   "gemma": ("GemmaConfig", dict(head_dim=32, num_key_value_heads=1)),
+  # transformers' own Gemma 2 defaults: soft-caps 50 / 30, local and global layers alternating
+  "gemma2": ("Gemma2Config", dict(head_dim=32, sliding_window=4, query_pre_attn_scalar=20,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+  # Gemma 3 before layer_types (every 2nd layer global here), local RoPE base, linear scaling on the global one
+  "gemma3_text": ("Gemma3TextConfig", dict(head_dim=32, sliding_window=4, sliding_window_pattern=2,
+                                           rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                                                   rope_theta=100_000.0),
+                                                            "sliding_attention": dict(rope_type="default",
+                                                                                      rope_theta=1_000.0)})),
 }
 
 
@@ -73,13 +82,20 @@ def assert_logits_match(ours, theirs, mask):
   assert rel < 1e-5, f"relative logits error {rel:.2e}"
 
 
+def test_every_family_has_a_parity_case():
+  assert set(FAMILIES) <= set(HF_CONFIGS)
+
+
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_load_hf_matches_transformers(name, tmp_path):
   hf_model = make_hf_model(name, tmp_path, seed=len(name))
   ids, mask = padded_batch(np.random.default_rng(len(name)))
   model, cfg = load_hf(tmp_path)
-  assert cfg.family == HF_CONFIGS[name][0].removesuffix("Config").lower()
+  assert cfg.family == hf_model.config.model_type
   assert_logits_match(model(jnp.asarray(ids), jnp.asarray(mask)), hf_logits(hf_model, ids, mask), mask)
+  if name in ("gemma2", "gemma3_text"):  # the switches these checkpoints exercise were read
+    assert cfg.sliding_layers == (True, False) and cfg.sandwich_norms
+    assert (cfg.final_logit_softcap, cfg.rope_local is not None) == ((3.0, False) if name == "gemma2" else (None, True))
 
 
 def randomize_jax(model, seed):
@@ -90,7 +106,7 @@ def randomize_jax(model, seed):
   nnx.update(model, treedef.unflatten(leaves))
 
 
-@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma"])
+@pytest.mark.parametrize("family", sorted(FAMILIES) + ["llama3"])
 def test_save_hf_loads_in_transformers(family, tmp_path):
   cfg = tiny(family, vocab_size=VOCAB, pad_token_id=0)
   model = CausalLM(cfg, rngs=nnx.Rngs(1))
@@ -104,8 +120,31 @@ def test_save_hf_loads_in_transformers(family, tmp_path):
   np.testing.assert_array_equal(reloaded(jnp.asarray(ids)), model(jnp.asarray(ids)))
 
 
-def test_scalar_model_round_trip_as_sequence_classifier(tmp_path):
-  cfg = tiny("llama", vocab_size=VOCAB, pad_token_id=0)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_packed_rows_match_transformers_on_each_document(family, tmp_path):
+  """A packed row (documents back to back, positions restarting) gives each document the logits transformers
+  gives it alone."""
+  cfg = tiny(family, vocab_size=VOCAB, pad_token_id=0)
+  model = CausalLM(cfg, rngs=nnx.Rngs(5))
+  randomize_jax(model, 5)
+  save_hf(model, cfg, tmp_path / "out")
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+  rng = np.random.default_rng(6)
+  lengths = (7, 9, 3)
+  docs = [rng.integers(1, VOCAB, size=n) for n in lengths]
+  ids = np.concatenate(docs + [np.zeros(2, int)])[None]  # [1, 21]: three documents, then padding
+  segments = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(2, int)])[None]
+  ours = np.asarray(model(jnp.asarray(ids), segment_ids=jnp.asarray(segments)))[0]
+  start = 0
+  for doc in docs:
+    theirs = hf_logits(hf_model, doc[None], np.ones((1, len(doc)), int))[0]
+    assert_logits_match(ours[start:start + len(doc)][None], theirs[None], np.ones((1, len(doc)), int))
+    start += len(doc)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_scalar_model_round_trip_as_sequence_classifier(family, tmp_path):
+  cfg = tiny(family, vocab_size=VOCAB, pad_token_id=0)
   model = ScalarModel(cfg, rngs=nnx.Rngs(3))
   randomize_jax(model, 3)
   save_hf(model, cfg, tmp_path)

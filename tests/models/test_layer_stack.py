@@ -34,7 +34,9 @@ def _mixed_windows():
 
 
 CASES = {"llama": tiny("llama", vocab_size=VOCAB, num_layers=3), "mistral": tiny("mistral", vocab_size=VOCAB),
-         "qwen2_mixed_windows": _mixed_windows(), "gemma": tiny("gemma", vocab_size=VOCAB)}
+         "qwen2_mixed_windows": _mixed_windows(), "gemma": tiny("gemma", vocab_size=VOCAB),
+         # local and global layers with RoPEs of their own: the scan carries each layer's table index as data
+         "gemma3_local_global": tiny("gemma3_text", vocab_size=VOCAB, num_layers=3, sliding_layers=(True, False, True))}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -51,7 +53,8 @@ def test_scan_equals_loop_forward_gradients_and_decode(name):
   for i in range(cfg.num_layers):
     for module, leaf in (("mlp", "down_proj"), ("self_attn", "k_proj")):
       stacked = g_scan["model"]["layers"][module][leaf]["kernel"][...][i]
-      np.testing.assert_allclose(stacked, g_loop["model"]["layers"][i][module][leaf]["kernel"][...], atol=2e-6)
+      np.testing.assert_allclose(stacked, g_loop["model"]["layers"][i][module][leaf]["kernel"][...], rtol=1e-5,
+                                 atol=5e-6)  # float32 summation order: scan vs loop
   assert float(jnp.abs(g_scan["model"]["layers"]["mlp"]["down_proj"]["kernel"][...]).sum()) > 0
 
   for model in (loop, scan):  # prefill then one decode step, against the full forward on real tokens

@@ -60,7 +60,7 @@ def first_new_token(row, start):
   return int(row[step]), step
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "gemma3_text"])
 def test_greedy_cached_generation_equals_full_recompute_with_early_eos(family):
   model = CausalLM(tiny(family, vocab_size=V), rngs=nnx.Rngs(0))
   ids, mask = prompts()
@@ -99,7 +99,8 @@ def training_path_logps(model, rollout, temperature):
 
 
 @pytest.mark.parametrize("family,temperature,top_k,top_p,renormalize", [
-  ("llama", 1.0, 0, 1.0, True), ("qwen2", 0.7, 0, 1.0, True), ("gemma", 0.7, 10, 0.9, False)])
+  ("llama", 1.0, 0, 1.0, True), ("qwen2", 0.7, 0, 1.0, True), ("gemma", 0.7, 10, 0.9, False),
+  ("gemma2", 0.7, 10, 0.9, False)])  # Gemma 2: the final-logit soft-cap in sampling and training alike
 def test_sampled_logprobs_equal_training_path(family, temperature, top_k, top_p, renormalize):
   """Untruncated, or truncated but not renormalised: the full tempered distribution the training path computes."""
   model = CausalLM(tiny(family, vocab_size=V), rngs=nnx.Rngs(1))
