@@ -343,3 +343,17 @@ def test_wpo_is_refused_where_pairs_cannot_be_weighted(stage):
     fmt = "unpaired" if loss_name == "kto" else "preference"
     with pytest.raises(ConfigError, match=why):
       build_run(stage(algorithm="preference", loss__name=loss_name, data__format=fmt, loss__wpo=True))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_dpo_trains_a_tiny_model_of_the_newer_families(stage, family):
+  """DPO through the whole step on Gemma 2 (soft-capped attention and final logits in the log-prob op) and
+  Gemma 3 (local and global RoPEs), tiny."""
+  import dataclasses
+
+  from jaxalign.models import tiny
+  from tests.train.conftest import TINY_MODEL
+
+  model = dataclasses.asdict(tiny(family, **TINY_MODEL, head_dim=8))
+  assert_trains(*run_steps(stage(algorithm="preference", loss__name="dpo", data__format="preference",
+                                 optim__lr=1e-2, model=model)))
