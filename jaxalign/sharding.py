@@ -40,6 +40,7 @@ DEFAULT_RULES: Rules = (
   ("head_dim", None),
   ("scalar", None),
   ("layers", None),  # the stacked-blocks axis of scan_layers: every device holds every layer's shard
+  ("experts", None),  # the stacked experts of a mixture-of-experts MLP (each expert FSDP-sharded like an MLP)
 )
 
 

@@ -1,4 +1,5 @@
-"""Flax NNX causal decoders (the families of `models.families`) and HF checkpoint I/O."""
+"""Flax NNX causal decoders (the families of `models.families`, dense and mixture-of-experts) and HF checkpoint
+I/O."""
 
 from jaxalign.models.config import ModelConfig, RopeConfig
 from jaxalign.models.families import FAMILIES, tiny

@@ -85,6 +85,14 @@ class ModelConfig:
   sandwich_norms: bool = False
   # Gemma 3: the RoPE of sliding-window (local) layers; `rope` then serves the global ones (None: one RoPE).
   rope_local: RopeConfig | None = None
+  # Mixture of experts (Mixtral, Qwen2/3-MoE; `models.moe`): E experts per block (0: a dense MLP), k of them
+  # per token, each an MLP of width moe_intermediate_size (None: intermediate_size); the k routing weights
+  # renormalised to sum to 1 (Mixtral; Qwen's norm_topk_prob); Qwen2-MoE's shared expert width (0: none).
+  num_experts: int = 0
+  num_experts_per_tok: int = 2
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = True
+  shared_expert_intermediate_size: int = 0
   # dtype policy: parameters and activations; softmax, norms and logits are always float32.
   param_dtype: str = "float32"
   dtype: str = "float32"
@@ -117,6 +125,8 @@ class ModelConfig:
       raise ValueError(f"remat={self.remat!r} is not supported; choose one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r} is not supported; choose one of {ATTENTION_IMPLS}")
+    if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
     if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
       raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
     if self.head_dim is None:
@@ -136,6 +146,15 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return DTYPES[self.param_dtype]
+
+  @property
+  def expert_size(self) -> int:
+    """F of one expert's MLP."""
+    return self.moe_intermediate_size or self.intermediate_size
+
+  @property
+  def shared_expert_size(self) -> int:
+    return self.shared_expert_intermediate_size
 
   @property
   def attention_scale(self) -> float:
@@ -171,7 +190,11 @@ class ModelConfig:
     attn = d * h * (self.num_heads * 2 + self.num_kv_heads * 2)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
-    layer = attn + 3 * d * f + (4 if self.sandwich_norms else 2) * d + (2 * h if self.qk_norm else 0)
+    mlp = 3 * d * f
+    if self.num_experts:
+      mlp = self.num_experts * (3 * d * self.expert_size + d) + self.shared_expert_size * 3 * d
+      mlp += d if self.shared_expert_size else 0
+    layer = attn + mlp + (4 if self.sandwich_norms else 2) * d + (2 * h if self.qk_norm else 0)
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + self.num_layers * layer + d + head
 

@@ -11,27 +11,11 @@ from jaxalign.models import layer_stack
 from jaxalign.models.attention import (Attention, LayerCache, MaskInfo, cache_axes, cache_mask_info, cache_slot_axes,
                                       sequence_mask_info)
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.layers import Dense, Embed, RMSNorm
+from jaxalign.models.families import FAMILIES
+from jaxalign.models.layers import ACTIVATIONS, MLP, Dense, Embed, RMSNorm
+from jaxalign.models.moe import MoE
 from jaxalign.ops.xla_chunked import soft_cap
 from jaxalign.models.rope import model_rotary_tables
-
-_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
-
-
-class MLP(nnx.Module):
-  """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU (Llama) or GeGLU (Gemma)."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-    self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
-    self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
-    self.activation = cfg.activation
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    hidden = _ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # [B, T, F]
-    return self.down_proj(sharding.constrain(hidden, ("batch", "seq", "mlp")))
-
 
 class Block(nnx.Module):
   """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)). With `sandwich_norms` (Gemma 2 / 3)
@@ -47,7 +31,10 @@ class Block(nnx.Module):
     if cfg.sandwich_norms:
       self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
       self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, **norm_kw)
-    self.mlp = MLP(cfg, rngs=rngs)
+    # The MLP under HF's name: `mlp`, or a mixture of experts under the family's (Mixtral: block_sparse_moe).
+    self.mlp_name, expert_names = FAMILIES[cfg.family].moe_names if cfg.num_experts else ("mlp", None)
+    mlp = MoE(cfg, expert_names, ACTIVATIONS[cfg.activation], rngs=rngs) if cfg.num_experts else MLP(cfg, rngs=rngs)
+    setattr(self, self.mlp_name, mlp)
     self.sandwich = cfg.sandwich_norms
 
   def __call__(self, x, cos, sin, mask: MaskInfo, window=None):
@@ -69,10 +56,11 @@ class Block(nnx.Module):
     return x + (self.post_attention_layernorm(attn) if self.sandwich else attn)
 
   def _mlp(self, x):
+    mlp = getattr(self, self.mlp_name)
     if self.sandwich:
-      x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+      x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
     else:
-      x = x + self.mlp(self.post_attention_layernorm(x))
+      x = x + mlp(self.post_attention_layernorm(x))
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
 
 

@@ -35,6 +35,10 @@ class Family:
   rope_per_layer_type: bool = False
   # config.json has Gemma 2's attention / final-logit soft-caps and `query_pre_attn_scalar`.
   gemma_keys: bool = False
+  # Mixture of experts: config.json key -> ModelConfig field of the family's MoE settings (empty: dense), and the
+  # HF names of its MoE block and of each expert's gate, up and down projections.
+  moe_keys: dict = dataclasses.field(default_factory=dict)
+  moe_names: tuple = ("mlp", ("gate_proj", "up_proj", "down_proj"))
   # ModelConfig fields of the tiny preset (hidden 64, 2 layers) besides the family's switches.
   tiny: dict = dataclasses.field(default_factory=dict)
 
@@ -47,6 +51,24 @@ FAMILIES = {f.name: f for f in (
          sliding="qwen", tiny=dict(tie_embeddings=True)),
   Family("qwen3", "Qwen3ForCausalLM", "Qwen3ForSequenceClassification", dict(_PLAIN, qk_norm=True),
          sliding="qwen", tiny=dict(head_dim=32)),
+  # Mixtral: every block a mixture of experts (each as wide as intermediate_size), routing weights renormalised.
+  Family("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification", dict(_PLAIN, norm_topk_prob=True),
+         sliding="all", moe_keys={"num_local_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok"},
+         moe_names=("block_sparse_moe", ("w1", "w3", "w2")), tiny=dict(num_experts=4)),
+  # Qwen2-MoE: Qwen2 with experts of width moe_intermediate_size and a sigmoid-gated shared expert.
+  Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification", dict(_PLAIN, qkv_bias=True),
+         sliding="qwen", moe_keys={"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+                                   "moe_intermediate_size": "moe_intermediate_size",
+                                   "norm_topk_prob": "norm_topk_prob",
+                                   "shared_expert_intermediate_size": "shared_expert_intermediate_size"},
+         tiny=dict(num_experts=4, moe_intermediate_size=32, norm_topk_prob=False,
+                   shared_expert_intermediate_size=48)),
+  # Qwen3-MoE: Qwen3 (q/k norms) with experts of width moe_intermediate_size.
+  Family("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification", dict(_PLAIN, qk_norm=True),
+         sliding="qwen", moe_keys={"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
+                                   "moe_intermediate_size": "moe_intermediate_size",
+                                   "norm_topk_prob": "norm_topk_prob"},
+         tiny=dict(num_experts=4, moe_intermediate_size=32, head_dim=32)),
   Family("gemma", "GemmaForCausalLM", "GemmaForSequenceClassification", _GEMMA,
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, num_kv_heads=1)),
   # Gemma 2: norms before and after attention and the MLP, soft-capped attention and final logits, local

@@ -107,6 +107,12 @@ def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32")
     if hf.get(key):
       raise CheckpointError(f"{where}: {key}=true is not supported for model_type {name!r}")
   gemma = {field: hf[key] for key, field in _GEMMA_KEYS.items() if hf.get(key) is not None} if fam.gemma_keys else {}
+  moe = {field: hf[key] for key, field in fam.moe_keys.items() if hf.get(key) is not None}
+  if fam.moe_keys and "num_experts" not in moe and hf.get("num_local_experts"):  # transformers 5's name for Qwen's
+    moe["num_experts"] = hf["num_local_experts"]
+  if fam.moe_keys and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
+    raise CheckpointError(f"{where}: dense layers among the experts (decoder_sparse_step="
+                          f"{hf.get('decoder_sparse_step')}, mlp_only_layers={hf.get('mlp_only_layers')}) are not supported")
   eos = hf.get("eos_token_id")
   try:
     num_layers = hf["num_hidden_layers"]
@@ -120,7 +126,7 @@ def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32")
       sliding_layers=sliding_layers, activation=_ACTIVATION_FROM_HF[act_name],
       tie_embeddings=hf.get("tie_word_embeddings", fam.switches["norm_offset"]), bos_token_id=hf.get("bos_token_id"),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.get("pad_token_id"),
-      param_dtype=dtype, dtype=dtype, **_ropes_from_hf(hf, where, fam), **gemma, **fam.switches)
+      param_dtype=dtype, dtype=dtype, **_ropes_from_hf(hf, where, fam), **gemma, **moe, **fam.switches)
   except KeyError as e:
     raise CheckpointError(f"{where}: missing key {e.args[0]!r}") from None
   except (TypeError, ValueError) as e:
@@ -151,6 +157,8 @@ def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
     unsupported.append(f"rope_local={cfg.rope_local}")
   if cfg.sliding_window is not None and fam.sliding is None:
     unsupported.append(f"sliding_window={cfg.sliding_window}")
+  if bool(cfg.num_experts) != bool(fam.moe_keys):
+    unsupported.append(f"num_experts={cfg.num_experts}")
   if unsupported:
     raise CheckpointError(f"HF model_type {cfg.family!r} cannot express {', '.join(unsupported)}")
   rope = _rope_to_hf(cfg.rope)
@@ -172,6 +180,10 @@ def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
     hf.update({key: getattr(cfg, field) for key, field in _GEMMA_KEYS.items()}, hidden_activation=activation)
     if cfg.query_pre_attn_scalar is None:
       hf["query_pre_attn_scalar"] = cfg.head_size
+  if fam.moe_keys:
+    hf.update({key: getattr(cfg, field) for key, field in fam.moe_keys.items()})
+    if "moe_intermediate_size" in fam.moe_keys:  # Qwen: every layer a mixture of experts
+      hf.update(moe_intermediate_size=cfg.expert_size, decoder_sparse_step=1, mlp_only_layers=[])
   layer_types = ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.num_layers)]
   if fam.sliding == "all":
     hf["sliding_window"] = cfg.sliding_window
@@ -192,20 +204,30 @@ def hf_key(path: tuple) -> tuple[str, bool]:
   return ".".join(prefix + ["weight" if leaf in ("kernel", "embedding") else leaf]), leaf == "kernel"
 
 
-def _is_stacked(path: tuple) -> bool:
-  """Whether a parameter path is a scan_layers stack (`model/layers/<module>`, no layer index)."""
-  return "layers" in path and not isinstance(path[path.index("layers") + 1], int)
+def _stacked_axes(path: tuple, cfg: ModelConfig) -> list[tuple[int, int]]:
+  """(position in `path` after which HF has an index, stack size) for each leading stacked axis of a parameter:
+  the layers of a scan_layers stack (`model/layers/<module>`, no layer index) and the experts of a
+  mixture-of-experts kernel (`.../experts/<projection>`), in that order."""
+  axes = []
+  if "layers" in path and not isinstance(path[path.index("layers") + 1], int):
+    axes.append((path.index("layers") + 1, cfg.num_layers))
+  if "experts" in path:
+    axes.append((path.index("experts") + 1, cfg.num_experts))
+  return axes
 
 
-def hf_keys(path: tuple, num_layers: int) -> tuple[list[str], bool]:
-  """The HF tensor names a parameter holds (one per layer for a stacked [L, ...] parameter) and whether
+def hf_keys(path: tuple, cfg: ModelConfig) -> tuple[np.ndarray, bool]:
+  """The HF tensor names a parameter holds, shaped like its stacked axes (one name per layer of a scan_layers
+  stack [L, ...], per expert of an expert kernel [E, ...], both [L, E, ...]; a 0-d array otherwise), and whether
   they are stored transposed."""
-  if not _is_stacked(path):
-    key, transposed = hf_key(path)
-    return [key], transposed
-  at = path.index("layers") + 1
-  keys = [hf_key(path[:at] + (i,) + path[at:]) for i in range(num_layers)]
-  return [k for k, _ in keys], keys[0][1]
+  axes = _stacked_axes(path, cfg)
+  keys = np.empty(tuple(size for _, size in axes), dtype=object)
+  for index in np.ndindex(keys.shape):
+    named = list(path)
+    for (at, _), i in sorted(zip(axes, index), reverse=True):  # insert from the back: positions stay valid
+      named.insert(at, i)
+    keys[index] = hf_key(tuple(named))[0]
+  return keys, hf_key(path)[1]
 
 
 def _tensor_index(path: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -264,18 +286,20 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
       return tensor
 
     def read(var_path, var, var_sharding):
-      keys, transposed = hf_keys(var_path, cfg.num_layers)
-      stacked = _is_stacked(var_path)
-      shape = var.shape[1:] if stacked else var.shape  # one layer's tensor
-      tensors = [open_tensor(key, shape[::-1] if transposed else shape) for key in keys]
+      keys, transposed = hf_keys(var_path, cfg)
+      stack = keys.ndim
+      shape = var.shape[stack:]  # one HF tensor's shape (transposed back)
+      tensors = np.empty(keys.shape, dtype=object)
+      for i in np.ndindex(keys.shape):
+        tensors[i] = open_tensor(keys[i], shape[::-1] if transposed else shape)
 
       def block(tensor, index):
         return np.asarray(tensor[index[::-1]].T if transposed else tensor[index], dtype=var.dtype)
 
-      def shard(index):
-        if not stacked:
-          return block(tensors[0], index)
-        return np.stack([block(tensors[i], index[1:]) for i in range(cfg.num_layers)[index[0]]])
+      def shard(index):  # index: slices of var.shape; the stacked ones pick tensors, the rest slice each
+        picked = tensors[index[:stack]] if stack else tensors  # an object array (0-d when nothing is stacked)
+        parts = [block(tensor, index[stack:]) for tensor in picked.flat]
+        return np.stack(parts).reshape(picked.shape + parts[0].shape) if stack else parts[0]
 
       return var.replace(jax.make_array_from_callback(var.shape, var_sharding.get_value(), shard))
 
@@ -284,7 +308,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str = "float32", mesh: jax.shardi
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
-  used = {key for p, _ in flat for key in hf_keys(p, cfg.num_layers)[0]}
+  used = {key for p, _ in flat for key in hf_keys(p, cfg)[0].flat}
   if cfg.tie_embeddings:
     used.add("lm_head.weight")
   unexpected = sorted(k for k in files if k not in used and not k.endswith(_IGNORED_KEYS))
@@ -315,11 +339,10 @@ def save_hf(model: CausalLM | ScalarModel, config: ModelConfig, path: str | os.P
     array = jax.device_get(_gather(var[...]))  # a collective when sharded across processes: all take part
     if not writer:
       continue
-    keys, transposed = hf_keys(var_path, config.num_layers)
+    keys, transposed = hf_keys(var_path, config)
     array = np.asarray(array, dtype=out_dtype)
-    layers = array if _is_stacked(var_path) else [array]
-    for key, layer in zip(keys, layers, strict=True):
-      tensors[key] = np.ascontiguousarray(layer.T if transposed else layer)
+    for key, tensor in zip(keys.flat, array.reshape(-1, *array.shape[keys.ndim:]), strict=True):
+      tensors[key] = np.ascontiguousarray(tensor.T if transposed else tensor)
 
   failure = None
   if writer:

@@ -1,4 +1,4 @@
-"""Base layers: dense projection, embedding table, RMSNorm. Every parameter carries logical axes."""
+"""Base layers: dense projection, gated MLP, embedding table, RMSNorm. Every parameter carries logical axes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxalign import sharding
 
 Initializer = nnx.initializers.Initializer
 
@@ -33,6 +35,24 @@ class Dense(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)) — SwiGLU (Llama) or GeGLU (Gemma)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+    self.activation = cfg.activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x)  # [B, T, F]
+    return self.down_proj(sharding.constrain(hidden, ("batch", "seq", "mlp")))
 
 
 class Embed(nnx.Module):

@@ -29,6 +29,11 @@ HF_CONFIGS = {
   "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)),
   "qwen3": ("Qwen3Config", dict(head_dim=24)),
   "gemma": ("GemmaConfig", dict(head_dim=32, num_key_value_heads=1)),
+  "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+  "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=48, norm_topk_prob=False)),
+  "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32, head_dim=24,
+                                       norm_topk_prob=True)),
   # transformers' own Gemma 2 defaults: soft-caps 50 / 30, local and global layers alternating
   "gemma2": ("Gemma2Config", dict(head_dim=32, sliding_window=4, query_pre_attn_scalar=20,
                                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),

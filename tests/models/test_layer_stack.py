@@ -36,7 +36,9 @@ def _mixed_windows():
 CASES = {"llama": tiny("llama", vocab_size=VOCAB, num_layers=3), "mistral": tiny("mistral", vocab_size=VOCAB),
          "qwen2_mixed_windows": _mixed_windows(), "gemma": tiny("gemma", vocab_size=VOCAB),
          # local and global layers with RoPEs of their own: the scan carries each layer's table index as data
-         "gemma3_local_global": tiny("gemma3_text", vocab_size=VOCAB, num_layers=3, sliding_layers=(True, False, True))}
+         "gemma3_local_global": tiny("gemma3_text", vocab_size=VOCAB, num_layers=3, sliding_layers=(True, False, True)),
+         # expert kernels [E, ...] stacked again over layers: [L, E, ...]
+         "qwen2_moe": tiny("qwen2_moe", vocab_size=VOCAB)}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -50,12 +52,18 @@ def test_scan_equals_loop_forward_gradients_and_decode(name):
     return jnp.sum(model(ids, mask)[..., :4] * mask[..., None])
 
   g_loop, g_scan = nnx.grad(loss)(loop), nnx.grad(loss)(scan)
+  down = ("mlp", "experts", "down_proj") if cfg.num_experts else ("mlp", "down_proj")
   for i in range(cfg.num_layers):
-    for module, leaf in (("mlp", "down_proj"), ("self_attn", "k_proj")):
-      stacked = g_scan["model"]["layers"][module][leaf]["kernel"][...][i]
-      np.testing.assert_allclose(stacked, g_loop["model"]["layers"][i][module][leaf]["kernel"][...], rtol=1e-5,
+    for path in (down, ("self_attn", "k_proj")):
+      stacked, per_layer = g_scan["model"]["layers"], g_loop["model"]["layers"][i]
+      for name in path:
+        stacked, per_layer = stacked[name], per_layer[name]
+      np.testing.assert_allclose(stacked["kernel"][...][i], per_layer["kernel"][...], rtol=1e-5,
                                  atol=5e-6)  # float32 summation order: scan vs loop
-  assert float(jnp.abs(g_scan["model"]["layers"]["mlp"]["down_proj"]["kernel"][...]).sum()) > 0
+  last = g_scan["model"]["layers"]
+  for name in down:
+    last = last[name]
+  assert float(jnp.abs(last["kernel"][...]).sum()) > 0
 
   for model in (loop, scan):  # prefill then one decode step, against the full forward on real tokens
     cache = model.init_cache(3, 12)
@@ -64,8 +72,11 @@ def test_scan_equals_loop_forward_gradients_and_decode(name):
   assert scan.init_cache(3, 12)["layers"]["k"].shape[0] == cfg.num_layers
 
 
-def test_scanned_parameters_round_trip_through_hf_per_layer(tmp_path):
-  cfg = _mixed_windows()
+@pytest.mark.parametrize("moe", [False, True])
+def test_scanned_parameters_round_trip_through_hf_per_layer(tmp_path, moe):
+  """A loop model's export read into [L, ...] stacks on a mesh (and [L, E, ...] for expert kernels) and written
+  back gives the same tensors under the same per-layer (per-expert) names."""
+  cfg = tiny("mixtral", vocab_size=VOCAB, num_layers=3, sliding_window=3) if moe else _mixed_windows()
   loop = CausalLM(cfg, rngs=nnx.Rngs(1))
   save_hf(loop, cfg, tmp_path / "loop")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
@@ -77,7 +88,8 @@ def test_scanned_parameters_round_trip_through_hf_per_layer(tmp_path):
   save_hf(scan, scan_cfg, tmp_path / "scan")
   a = safetensors.numpy.load_file(tmp_path / "loop" / "model.safetensors")
   b = safetensors.numpy.load_file(tmp_path / "scan" / "model.safetensors")
-  assert sorted(a) == sorted(b) and "model.layers.2.mlp.up_proj.weight" in b
+  assert sorted(a) == sorted(b)
+  assert ("model.layers.2.block_sparse_moe.experts.3.w3.weight" if moe else "model.layers.2.mlp.up_proj.weight") in b
   for key in a:
     np.testing.assert_array_equal(a[key], b[key])
 

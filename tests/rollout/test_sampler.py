@@ -60,7 +60,7 @@ def first_new_token(row, start):
   return int(row[step]), step
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"])
 def test_greedy_cached_generation_equals_full_recompute_with_early_eos(family):
   model = CausalLM(tiny(family, vocab_size=V), rngs=nnx.Rngs(0))
   ids, mask = prompts()

@@ -1,0 +1,119 @@
+"""Mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): top-k routing and dropless grouped matmuls.
+
+Shape letters: N tokens (B*T flattened), D width, E experts, k experts per token, F an expert's MLP width.
+
+The router scores each token over E experts (float32 softmax of `gate(x)`), keeps the k best (optionally
+renormalised to sum to 1: Mixtral always, Qwen's `norm_topk_prob`), and each token's output is the weighted sum
+of its k experts' gated MLPs. Dispatch is dropless: the N*k (token, expert) assignments are sorted by expert
+and every expert's rows run as one group of `jax.lax.ragged_dot` (a grouped matmul over [E, ...] stacked
+weights), so no token is dropped and no capacity padding is computed. Expert weights carry the logical axis
+"experts" (`sharding.DEFAULT_RULES`), and HF stores them per expert (`models.hf`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign import sharding
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.layers import MLP, Dense, param
+
+
+class Routing(NamedTuple):
+  """One layer's routing of N tokens: router logits [N, E] (float32), chosen experts [N, k] and their weights
+  [N, k] (float32)."""
+
+  logits: jax.Array
+  experts: jax.Array
+  weights: jax.Array
+
+
+def route(logits: jax.Array, k: int, normalize: bool) -> Routing:
+  """Softmax-then-top-k routing of router logits [N, E]: the k most probable experts of each token and their
+  probabilities (renormalised over the k when `normalize`)."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)  # [N, k] each
+  if normalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return Routing(logits.astype(jnp.float32), experts, weights)
+
+
+class ExpertKernel(nnx.Module):
+  """E stacked [in, out] kernels: `kernel` [E, in, out] (HF stores each expert's [out, in] under its index)."""
+
+  def __init__(self, experts: int, in_features: int, out_features: int, axes: tuple[str, str], *, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.kernel = param(rngs, nnx.initializers.normal(0.02), (experts, in_features, out_features), param_dtype,
+                        ("experts", *axes))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x [M, in] sorted by expert, group_sizes [E] (rows of each expert, in order) -> [M, out]."""
+    return jax.lax.ragged_dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), group_sizes,
+                              preferred_element_type=jnp.float32).astype(self.dtype)
+
+
+class Experts(nnx.Module):
+  """E gated MLPs down(act(gate(x)) * up(x)) as stacked kernels. `names`: the HF names of the gate, up and down
+  projections (Mixtral: w1, w3, w2; Qwen: gate_proj, up_proj, down_proj)."""
+
+  def __init__(self, cfg: ModelConfig, names: tuple[str, str, str], activation, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+    self.names = names
+    setattr(self, names[0], ExpertKernel(e, d, f, ("embed", "mlp"), **kw))
+    setattr(self, names[1], ExpertKernel(e, d, f, ("embed", "mlp"), **kw))
+    setattr(self, names[2], ExpertKernel(e, f, d, ("mlp", "embed"), **kw))
+    self.activation = activation
+
+  def __call__(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    gate, up, down = (getattr(self, n) for n in self.names)
+    return down(self.activation(gate(x, group_sizes)) * up(x, group_sizes), group_sizes)
+
+
+def dispatch(x: jax.Array, routing: Routing, experts: Experts) -> jax.Array:
+  """sum_j w_j expert_{e_j}(x) for each token of x [N, D]: the N*k assignments sorted by expert, run as one
+  grouped matmul per projection, weighted and added back to their tokens. -> [N, D] in x's dtype."""
+  n, k = routing.experts.shape
+  flat = routing.experts.reshape(-1)  # [N*k] expert of each assignment
+  order = jnp.argsort(flat, stable=True)
+  token = order // k  # [N*k] the token of each sorted assignment
+  group_sizes = jnp.bincount(flat, length=experts_count(experts)).astype(jnp.int32)  # [E]
+  y = experts(x[token], group_sizes)  # [N*k, D]
+  y = y.astype(jnp.float32) * routing.weights.reshape(-1)[order][:, None]
+  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(y).astype(x.dtype)
+
+
+def experts_count(experts: Experts) -> int:
+  return getattr(experts, experts.names[0]).kernel.shape[0]
+
+
+class MoE(nnx.Module):
+  """The mixture-of-experts MLP of one block: router `gate` [D, E], stacked `experts`, and (Qwen2-MoE) a shared
+  expert gated by sigmoid(`shared_expert_gate`(x)), added to every token."""
+
+  def __init__(self, cfg: ModelConfig, names: tuple[str, str, str], activation, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.gate = Dense(cfg.hidden_size, cfg.num_experts, ("embed", "scalar"), **kw)
+    self.experts = Experts(cfg, names, activation, rngs=rngs)
+    if cfg.shared_expert_size:
+      self.shared_expert = MLP(cfg.replace(intermediate_size=cfg.shared_expert_size), rngs=rngs)
+      self.shared_expert_gate = Dense(cfg.hidden_size, 1, ("embed", "scalar"), **kw)
+    else:
+      self.shared_expert = self.shared_expert_gate = None
+    self.k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]."""
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)
+    routing = route(self.gate(flat), self.k, self.normalize)
+    out = dispatch(flat, routing, self.experts).reshape(b, t, d)
+    if self.shared_expert is not None:
+      shared = self.shared_expert(x) * jax.nn.sigmoid(self.shared_expert_gate(x).astype(jnp.float32)).astype(x.dtype)
+      out = out + shared
+    return sharding.constrain(out, ("batch", "seq", "act_embed"))
