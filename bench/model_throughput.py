@@ -44,6 +44,11 @@ PRESETS = {
                     scale_embeddings=True, norm_offset=True, sandwich_norms=True, qk_norm=True,
                     sliding_window=512, sliding_layers=[(i + 1) % 6 != 0 for i in range(26)],
                     rope={"theta": 1_000_000.0}, rope_local={"theta": 10_000.0}, query_pre_attn_scalar=256),
+  # Qwen/Qwen3-30B-A3B: 48 layers of 128 experts (width 768), 8 routed per token, q/k norms
+  "qwen3-30b-a3b": dict(family="qwen3_moe", hidden_size=2048, intermediate_size=6144, num_layers=48, num_heads=32,
+                        num_kv_heads=4, head_dim=128, vocab_size=151936, qk_norm=True, num_experts=128,
+                        num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                        rope={"theta": 1_000_000.0}),
 }
 
 
