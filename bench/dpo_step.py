@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from model_throughput import PRESETS, matmul_rate, time_call  # noqa: E402
+from model_throughput import PRESETS, matmul_rate, preset_config, time_call  # noqa: E402
 from versus import run_peer  # noqa: E402
 
 from jaxalign import sharding  # noqa: E402
@@ -90,11 +90,11 @@ def main():
   parser.add_argument("--peer-python", help="python of a venv with trl installed (runs bench/peers/trl_run.py)")
   args = parser.parse_args()
 
-  preset = dict(PRESETS[args.preset])
+  vocab = PRESETS[args.preset]["vocab_size"]
   if args.peer_python:
-    preset["vocab_size"] = max(preset["vocab_size"], len(digits_tokenizer()))
-  cfg = ModelConfig(family="llama", param_dtype=args.param_dtype or args.dtype, dtype=args.dtype, remat=args.remat,
-                    scan_layers=args.scan_layers, **preset)
+    vocab = max(vocab, len(digits_tokenizer()))
+  cfg = preset_config(args.preset, vocab_size=vocab, param_dtype=args.param_dtype or args.dtype, dtype=args.dtype,
+                      remat=args.remat, scan_layers=args.scan_layers)
   batch = pair_batch(np.random.default_rng(0), args.pairs, args.prompt_len, args.response_len, cfg.vocab_size)
   seconds = jaxalign_step_time(cfg, batch, args.repeats, args.impl, args.mu_dtype)
 

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from jaxalign import sharding
+from jaxalign.config import from_dict
 from jaxalign.models import CausalLM, ModelConfig
 
 PRESETS = {
@@ -50,6 +51,11 @@ PRESETS = {
                         num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
                         rope={"theta": 1_000_000.0}),
 }
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+  """The ModelConfig of preset `name` (a Llama unless the preset names its family), with overrides."""
+  return from_dict(ModelConfig, {"family": "llama", **PRESETS[name], **overrides})
 
 
 def time_call(fn, *args, repeats: int) -> float:
@@ -84,7 +90,7 @@ def lm_loss(model: CausalLM, ids: jax.Array) -> jax.Array:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--preset", choices=PRESETS, default="tiny")
-  parser.add_argument("--family", default="llama")
+  parser.add_argument("--family", default=None, help="override the preset's family (default: the preset's)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq", type=int, default=256)
@@ -93,7 +99,8 @@ def main():
   parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor device counts")
   args = parser.parse_args()
 
-  cfg = ModelConfig(family=args.family, param_dtype=args.dtype, dtype=args.dtype, **PRESETS[args.preset])
+  family = {"family": args.family} if args.family else {}
+  cfg = preset_config(args.preset, param_dtype=args.dtype, dtype=args.dtype, **family)
   device = jax.devices()[0]
   data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
   mesh = sharding.make_mesh(sharding.MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
