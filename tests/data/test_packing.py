@@ -134,8 +134,9 @@ def test_segments_never_see_each_other_and_positions_restart(monkeypatch):
 
   import jaxalign.models.decoder as decoder
   seen = []
-  tables = decoder.rotary_tables
-  monkeypatch.setattr(decoder, "rotary_tables", lambda positions, inv: seen.append(positions) or tables(positions, inv))
+  tables = decoder.model_rotary_tables
+  monkeypatch.setattr(decoder, "model_rotary_tables",
+                      lambda cfg, positions: seen.append(positions) or tables(cfg, positions))
   graphdef, state = models()[0]
 
   @jax.jit
