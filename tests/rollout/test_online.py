@@ -39,7 +39,7 @@ def rl_stage(tmp_path, algorithm, **changes):
 # Algorithms that train on a dataset's responses (SPIN, PMLE, distillation): tests/rollout/test_offline_data_online.py
 @pytest.mark.parametrize("algorithm", sorted(n for n, a in ALGORITHMS.items() if a.data_format == "prompt"))
 def test_every_online_algorithm_raises_the_reward(tmp_path, algorithm):
-  result = train(rl_stage(tmp_path, algorithm))
+  result = train(rl_stage(tmp_path, algorithm, eval_batches=4))  # 4 x 8 held-out prompts, before and after
   before, after = result["eval_before"]["reward"], result["eval_after"]["reward"]
   assert after > before + 0.1, (before, after)
   rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
