@@ -35,6 +35,8 @@ class Family:
   rope_per_layer_type: bool = False
   # config.json has Gemma 2's attention / final-logit soft-caps and `query_pre_attn_scalar`.
   gemma_keys: bool = False
+  # The head is the embedding when config.json does not say (`tie_word_embeddings` absent): transformers' default.
+  tied_by_default: bool = False
   # Mixture of experts: config.json key -> ModelConfig field of the family's MoE settings (empty: dense), and the
   # HF names of its MoE block and of each expert's gate, up and down projections.
   moe_keys: dict = dataclasses.field(default_factory=dict)
@@ -69,12 +71,12 @@ FAMILIES = {f.name: f for f in (
                                    "moe_intermediate_size": "moe_intermediate_size",
                                    "norm_topk_prob": "norm_topk_prob"},
          tiny=dict(num_experts=4, moe_intermediate_size=32, head_dim=32)),
-  Family("gemma", "GemmaForCausalLM", "GemmaForSequenceClassification", _GEMMA,
+  Family("gemma", "GemmaForCausalLM", "GemmaForSequenceClassification", _GEMMA, tied_by_default=True,
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, num_kv_heads=1)),
   # Gemma 2: norms before and after attention and the MLP, soft-capped attention and final logits, local
   # (sliding) and global layers alternating.
   Family("gemma2", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", dict(_GEMMA, sandwich_norms=True),
-         sliding="layer_types", gemma_keys=True,
+         sliding="layer_types", gemma_keys=True, tied_by_default=True,
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, sliding_window=4,
                    sliding_layers=(True, False), attn_logit_softcap=50.0, final_logit_softcap=30.0,
                    query_pre_attn_scalar=24)),
@@ -82,7 +84,7 @@ FAMILIES = {f.name: f for f in (
   # 10k) on the local layers, five of every six.
   Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
          dict(_GEMMA, qk_norm=True, sandwich_norms=True), sliding="layer_types", rope_per_layer_type=True,
-         gemma_keys=True,
+         gemma_keys=True, tied_by_default=True,
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, sliding_window=4,
                    sliding_layers=(True, False), rope=RopeConfig(theta=1_000_000.0, type="linear", factor=8.0),
                    rope_local=RopeConfig(theta=10_000.0), query_pre_attn_scalar=32)),

@@ -124,7 +124,7 @@ def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32")
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
       max_position_embeddings=hf.get("max_position_embeddings", 2048), sliding_window=window,
       sliding_layers=sliding_layers, activation=_ACTIVATION_FROM_HF[act_name],
-      tie_embeddings=hf.get("tie_word_embeddings", fam.switches["norm_offset"]), bos_token_id=hf.get("bos_token_id"),
+      tie_embeddings=hf.get("tie_word_embeddings", fam.tied_by_default), bos_token_id=hf.get("bos_token_id"),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.get("pad_token_id"),
       param_dtype=dtype, dtype=dtype, **_ropes_from_hf(hf, where, fam), **gemma, **moe, **fam.switches)
   except KeyError as e:
