@@ -63,8 +63,9 @@ def weighted_pair_loss(name: str, stats: losses.PairStats, params: dict, counts:
   """sum_b w_b l_b: loss `name` with each pair's term weighted by `stats.weight` [B] (WPO; TRL multiplies its
   per-sequence losses the same way). A loss that sums over micro-batches (`exact_accumulation`) is a sum of
   per-pair terms over the step's counts, so l_b is its value on pair b alone, given those counts; the
-  one-pair metrics combine as micro-batch metrics do (`combine_metrics`). Adds `wpo/weight`, the mean
-  weight."""
+  one-pair metrics combine as micro-batch metrics do (`combine_metrics`): `loss` is the weighted sum, the other
+  metrics (a mixture's component losses too) are those of the unweighted terms. Adds `wpo/weight`, the mean
+  weight. Weights are not clamped (TRL 1.16 does not clamp them either; earlier TRL clamped at 1)."""
   weight = stats.weight
   counts = {"num_pairs": weight.shape[0], **counts}
   one_pair = lambda pair: call_loss(name, jax.tree.map(lambda x: x[None], pair), params, counts)
@@ -249,6 +250,9 @@ def objective_for(algorithm: str, loss_name: str, params: dict | None = None,
   registration (`losses.spec`). ld_alpha: LD-DPO's length-desensitised sums for a pairwise policy loss; wpo:
   WPO's weighted pairs (`weighted_pair_loss`) for one that sums over pairs."""
   spec = losses.spec(loss_name)
+  if algorithm == "sft" and (ld_alpha is not None or wpo):
+    raise ValueError("loss.ld_alpha (LD-DPO) and loss.wpo (WPO) apply to pairwise preference losses, not "
+                     "algorithm=sft")
   if algorithm == "sft":
     if spec.data_format != "sft":
       raise ValueError(f"loss.name={loss_name!r} is not an SFT loss; choose sft")
@@ -272,9 +276,11 @@ def objective_for(algorithm: str, loss_name: str, params: dict | None = None,
                        f"loss '{loss_name}' is not one")
     stats = functools.partial(stats, ld_alpha=ld_alpha)
   if wpo:
-    if not (response_pairs and spec.exact_accumulation):
+    if not response_pairs:
       raise ValueError(f"loss.wpo (WPO) weighs each pair's term of a pairwise policy loss on the response tokens; "
-                       f"loss '{loss_name}' is not one{' (it sorts the batch)' * response_pairs}")
+                       f"loss '{loss_name}' is not one")
+    if not spec.exact_accumulation:
+      raise ValueError(f"loss.wpo (WPO) needs a loss that is a sum of per-pair terms; '{loss_name}' sorts the batch")
     stats = functools.partial(stats, wpo=True)
   prepass = kto_reference_point if "z0" in spec.step_inputs else None
   return Objective(loss_name, spec.data_format, spec.reward_model, spec.uses_reference(params or {}),

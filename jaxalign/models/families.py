@@ -37,6 +37,9 @@ class Family:
   gemma_keys: bool = False
   # The head is the embedding when config.json does not say (`tie_word_embeddings` absent): transformers' default.
   tied_by_default: bool = False
+  # transformers' defaults of the family's own config.json keys, for a config.json that omits them (an explicit
+  # null stays null: e.g. no soft-cap).
+  hf_defaults: dict = dataclasses.field(default_factory=dict)
   # Mixture of experts: config.json key -> ModelConfig field of the family's MoE settings (empty: dense), and the
   # HF names of its MoE block and of each expert's gate, up and down projections.
   moe_keys: dict = dataclasses.field(default_factory=dict)
@@ -56,13 +59,16 @@ FAMILIES = {f.name: f for f in (
   # Mixtral: every block a mixture of experts (each as wide as intermediate_size), routing weights renormalised.
   Family("mixtral", "MixtralForCausalLM", "MixtralForSequenceClassification", dict(_PLAIN, norm_topk_prob=True),
          sliding="all", moe_keys={"num_local_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok"},
-         moe_names=("block_sparse_moe", ("w1", "w3", "w2")), tiny=dict(num_experts=4)),
+         moe_names=("block_sparse_moe", ("w1", "w3", "w2")), hf_defaults=dict(num_local_experts=8, num_experts_per_tok=2),
+         tiny=dict(num_experts=4)),
   # Qwen2-MoE: Qwen2 with experts of width moe_intermediate_size and a sigmoid-gated shared expert.
   Family("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification", dict(_PLAIN, qkv_bias=True),
          sliding="qwen", moe_keys={"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
                                    "moe_intermediate_size": "moe_intermediate_size",
                                    "norm_topk_prob": "norm_topk_prob",
                                    "shared_expert_intermediate_size": "shared_expert_intermediate_size"},
+         hf_defaults=dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408, norm_topk_prob=False,
+                          shared_expert_intermediate_size=5632),
          tiny=dict(num_experts=4, moe_intermediate_size=32, norm_topk_prob=False,
                    shared_expert_intermediate_size=48)),
   # Qwen3-MoE: Qwen3 (q/k norms) with experts of width moe_intermediate_size.
@@ -70,6 +76,7 @@ FAMILIES = {f.name: f for f in (
          sliding="qwen", moe_keys={"num_experts": "num_experts", "num_experts_per_tok": "num_experts_per_tok",
                                    "moe_intermediate_size": "moe_intermediate_size",
                                    "norm_topk_prob": "norm_topk_prob"},
+         hf_defaults=dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=False),
          tiny=dict(num_experts=4, moe_intermediate_size=32, head_dim=32)),
   Family("gemma", "GemmaForCausalLM", "GemmaForSequenceClassification", _GEMMA, tied_by_default=True,
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, num_kv_heads=1)),
@@ -77,6 +84,8 @@ FAMILIES = {f.name: f for f in (
   # (sliding) and global layers alternating.
   Family("gemma2", "Gemma2ForCausalLM", "Gemma2ForSequenceClassification", dict(_GEMMA, sandwich_norms=True),
          sliding="layer_types", gemma_keys=True, tied_by_default=True,
+         hf_defaults=dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=256,
+                          sliding_window=4096),
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, sliding_window=4,
                    sliding_layers=(True, False), attn_logit_softcap=50.0, final_logit_softcap=30.0,
                    query_pre_attn_scalar=24)),
@@ -84,7 +93,7 @@ FAMILIES = {f.name: f for f in (
   # 10k) on the local layers, five of every six.
   Family("gemma3_text", "Gemma3ForCausalLM", "Gemma3TextForSequenceClassification",
          dict(_GEMMA, qk_norm=True, sandwich_norms=True), sliding="layer_types", rope_per_layer_type=True,
-         gemma_keys=True, tied_by_default=True,
+         gemma_keys=True, tied_by_default=True, hf_defaults=dict(query_pre_attn_scalar=256, sliding_window=4096),
          tiny=dict(activation="gelu_tanh", tie_embeddings=True, head_dim=32, sliding_window=4,
                    sliding_layers=(True, False), rope=RopeConfig(theta=1_000_000.0, type="linear", factor=8.0),
                    rope_local=RopeConfig(theta=10_000.0), query_pre_attn_scalar=32)),

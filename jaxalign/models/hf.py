@@ -66,7 +66,8 @@ def _ropes_from_hf(hf: dict, where: str, fam: Family) -> dict:
   params = hf.get("rope_parameters") or {}
   if "full_attention" in params:
     return {"rope": _rope_from_hf(hf, where, dict(params["full_attention"])),
-            "rope_local": _rope_from_hf(hf, where, dict(params.get("sliding_attention") or {}))}
+            "rope_local": _rope_from_hf(hf, where, dict(params.get("sliding_attention") or {}),
+                                        hf.get("rope_local_base_freq", 10_000.0))}
   return {"rope": _rope_from_hf(hf, where, {**(hf.get("rope_scaling") or {}), **params}),
           "rope_local": _rope_from_hf(hf, where, {}, hf.get("rope_local_base_freq", 10_000.0))}
 
@@ -100,6 +101,9 @@ def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32")
   if name not in FAMILIES:
     raise CheckpointError(f"{where}: model_type {name!r} is not supported; supported: {sorted(FAMILIES)}")
   fam = FAMILIES[name]
+  if "num_experts" in fam.moe_keys and "num_experts" not in hf and "num_local_experts" in hf:
+    hf = {**hf, "num_experts": hf["num_local_experts"]}  # transformers 5's name for Qwen's expert count
+  hf = {**fam.hf_defaults, **hf}  # keys the file omits take transformers' defaults for the family
   act_name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
   if act_name not in _ACTIVATION_FROM_HF:
     raise CheckpointError(f"{where}: hidden_act {act_name!r} is not supported")
@@ -108,11 +112,10 @@ def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32")
       raise CheckpointError(f"{where}: {key}=true is not supported for model_type {name!r}")
   gemma = {field: hf[key] for key, field in _GEMMA_KEYS.items() if hf.get(key) is not None} if fam.gemma_keys else {}
   moe = {field: hf[key] for key, field in fam.moe_keys.items() if hf.get(key) is not None}
-  if fam.moe_keys and "num_experts" not in moe and hf.get("num_local_experts"):  # transformers 5's name for Qwen's
-    moe["num_experts"] = hf["num_local_experts"]
   if fam.moe_keys and (hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers")):
-    raise CheckpointError(f"{where}: dense layers among the experts (decoder_sparse_step="
-                          f"{hf.get('decoder_sparse_step')}, mlp_only_layers={hf.get('mlp_only_layers')}) are not supported")
+    raise CheckpointError(f"{where}: dense MLP layers among the experts are not supported (decoder_sparse_step="
+                          f"{hf.get('decoder_sparse_step', 1)}, mlp_only_layers={hf.get('mlp_only_layers', [])}; "
+                          f"supported: every layer a mixture of experts)")
   eos = hf.get("eos_token_id")
   try:
     num_layers = hf["num_hidden_layers"]
@@ -159,6 +162,8 @@ def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
     unsupported.append(f"sliding_window={cfg.sliding_window}")
   if bool(cfg.num_experts) != bool(fam.moe_keys):
     unsupported.append(f"num_experts={cfg.num_experts}")
+  if cfg.num_experts and "moe_intermediate_size" not in fam.moe_keys and cfg.expert_size != cfg.intermediate_size:
+    unsupported.append(f"moe_intermediate_size={cfg.moe_intermediate_size} (its experts are intermediate_size wide)")
   if unsupported:
     raise CheckpointError(f"HF model_type {cfg.family!r} cannot express {', '.join(unsupported)}")
   rope = _rope_to_hf(cfg.rope)

@@ -135,8 +135,10 @@ def sharded_dispatch(x: jax.Array, routing: Routing, experts: Experts) -> jax.Ar
     whole = [_gathered(kernel.astype(dtype), spec) for kernel, spec in zip(kernels, specs)]
     return dispatch(x, routing, experts, whole)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, Routing(tokens, tokens, tokens), *specs),
-                       out_specs=tokens, check_vma=False)(x, routing, *(v[...] for v in variables))
+  # the router logits stay outside: the dispatch reads only the chosen experts and their weights
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens, Routing(None, tokens, tokens), *specs),
+                       out_specs=tokens, check_vma=False)(x, routing._replace(logits=None),
+                                                          *(v[...] for v in variables))
 
 
 def _gathered(shard: jax.Array, spec: P) -> jax.Array:

@@ -167,6 +167,25 @@ def test_scalar_model_round_trip_as_sequence_classifier(family, tmp_path):
   assert isinstance(loaded, ScalarModel)
 
 
+def test_omitted_family_keys_take_transformers_defaults():
+  """A config.json without a family's own keys reads as transformers would build it: Gemma 2's soft-caps and
+  window, Qwen3-MoE's unnormalised routing and expert width; an explicit null stays (no cap)."""
+  from jaxalign.models.hf import config_from_hf
+
+  for name, drop, want in (("gemma2", ("attn_logit_softcapping", "final_logit_softcapping", "sliding_window"),
+                            dict(attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096)),
+                           ("qwen3_moe", ("norm_topk_prob", "moe_intermediate_size"),
+                            dict(norm_topk_prob=False, moe_intermediate_size=768))):
+    cls_name, extra = HF_CONFIGS[name]
+    full = getattr(transformers, cls_name)(**COMMON).to_dict()
+    defaults = {key: full[key] for key in drop}
+    sparse = {k: v for k, v in json.loads(json.dumps(full)).items() if k not in drop}
+    cfg = config_from_hf(sparse)
+    assert {k: getattr(cfg, k) for k in want} == want, defaults
+  with_null = {**transformers.Gemma2Config(**COMMON).to_dict(), "final_logit_softcapping": None}
+  assert config_from_hf(with_null).final_logit_softcap is None
+
+
 def test_unsupported_architecture_is_a_one_line_error(tmp_path):
   transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
     tmp_path)

@@ -339,7 +339,7 @@ def test_weighted_pair_loss_with_unit_weights_is_the_loss(loss_name):
 def test_wpo_is_refused_where_pairs_cannot_be_weighted(stage):
   from jaxalign.config import ConfigError
 
-  for loss_name, why in (("aot", "it sorts the batch"), ("kto", "is not one")):
+  for loss_name, why in (("aot", "sorts the batch"), ("kto", "is not one")):
     fmt = "unpaired" if loss_name == "kto" else "preference"
     with pytest.raises(ConfigError, match=why):
       build_run(stage(algorithm="preference", loss__name=loss_name, data__format=fmt, loss__wpo=True))

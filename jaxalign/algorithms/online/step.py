@@ -187,7 +187,7 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
     # Every pass takes all units, whose order the loss does not depend on: the rollout's, groups whole, as they
     # are (no gather); the scan only counts the epochs.
     ctx = ctx.with_shared_prompts()
-    order = jnp.arange(rl.epochs)
+    order = None
   else:
     keys = jax.random.split(key, rl.epochs)
     order = jnp.concatenate([jax.random.permutation(k, num)[:size * rl.minibatches] for k in keys])
@@ -209,7 +209,8 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
     metrics.update({f"packing/update_{k}": v for k, v in packing.items()})
     return (optax.apply_updates(trainable, updates), opt_state), metrics
 
-  (trainable, opt_state), metrics = jax.lax.scan(one_step, (state.trainable, state.opt_state), order)
+  (trainable, opt_state), metrics = jax.lax.scan(one_step, (state.trainable, state.opt_state), order,
+                                                 length=rl.epochs if whole else None)
   return trainable, opt_state, {k: jnp.mean(v) for k, v in metrics.items()}
 
 
