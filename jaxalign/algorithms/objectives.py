@@ -136,8 +136,12 @@ def sft_counts(batch):
 def _policy_and_reference(policy, reference, batch, prefix="", **op):
   """Summed log-probs and token counts of every sequence [E...] (padded or packed), and the reference's."""
   s, n = example_logps(policy, batch, prefix, **op)
-  s_ref = frozen(example_logps, reference, batch, prefix, **op)[0] if reference is not None else None
-  return s, n, s_ref
+  return s, n, _reference_logps(reference, batch, prefix, **op)
+
+
+def _reference_logps(reference, batch, prefix="", **op):
+  """The frozen reference's summed log-probs of every sequence [E...], or None without a reference model."""
+  return frozen(example_logps, reference, batch, prefix, **op)[0] if reference is not None else None
 
 
 def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, wpo=False, **op):
@@ -155,7 +159,7 @@ def pair_stats(policy, reference, batch, prompt=False, ld_alpha=None, wpo=False,
     extra = {"weight": jnp.exp(jnp.sum(log_w.reshape(-1, 2), axis=-1))}
   else:
     s, n = example_logps(policy, batch, **op)
-  s_ref = frozen(example_logps, reference, batch, **op)[0] if reference is not None else None
+  s_ref = _reference_logps(reference, batch, **op)
   s, n = s.reshape(-1, 2), n.reshape(-1, 2)
   s_ref = batch["ref_logps"] if s_ref is None and "ref_logps" in batch else s_ref
   ref = (None, None) if s_ref is None else (s_ref.reshape(-1, 2)[:, 0], s_ref.reshape(-1, 2)[:, 1])

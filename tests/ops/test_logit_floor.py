@@ -307,14 +307,22 @@ def test_no_floor_is_todays_op():
                              g_ent)
   for a, b in zip(jax.tree.leaves(got_none), jax.tree.leaves(got_inf)):
     assert rel_err(b, a) < 2e-6
-  grad_of = lambda f: jax.grad(lambda h, w: jnp.sum(f(h, w)[0]) + jnp.sum(f(h, w)[1]),
-                               argnums=(0, 1))
-  lowered = lambda f: jax.jit(f).lower(hidden, weight).as_text()
-  for wrap in (lambda f: f, grad_of):
+  lowered = functools.partial(_lowered, hidden=hidden, weight=weight)
+  for wrap in (lambda f: f, _grad_of):
     text = lowered(wrap(op(logit_floor=None)))
     assert text == lowered(wrap(op()))
     assert "1.000000e+30" not in text  # NEG, the masked logit, only comes with a floor
-  assert "1.000000e+30" in lowered(grad_of(op(logit_floor=-jnp.ones(N))))
+  assert "1.000000e+30" in lowered(_grad_of(op(logit_floor=-jnp.ones(N))))
+
+
+def _grad_of(f):
+  """The gradient (w.r.t. hidden and weight) of the summed log-probs and entropies of an op f(h, w)."""
+  return jax.grad(lambda h, w: jnp.sum(f(h, w)[0]) + jnp.sum(f(h, w)[1]), argnums=(0, 1))
+
+
+def _lowered(f, hidden, weight):
+  """StableHLO text of f(hidden, weight), jitted."""
+  return jax.jit(f).lower(hidden, weight).as_text()
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -329,10 +337,8 @@ def test_no_softcap_is_todays_op(impl):
                                        return_entropy=True, return_log_sum_sq=True, impl=impl,
                                        **cap_kw)
 
-  grad_of = lambda f: jax.grad(lambda h, w: jnp.sum(f(h, w)[0]) + jnp.sum(f(h, w)[1]),
-                               argnums=(0, 1))
-  lowered = lambda f: jax.jit(f).lower(hidden, weight).as_text()
-  for wrap in (lambda f: f, grad_of):
+  lowered = functools.partial(_lowered, hidden=hidden, weight=weight)
+  for wrap in (lambda f: f, _grad_of):
     text = lowered(wrap(op(logit_softcap=None)))
     assert text == lowered(wrap(op()))
     assert "tanh" not in text
