@@ -14,7 +14,8 @@ impl:
   "xla"         blockwise online softmax with a recomputing custom_vjp (FlashAttention /
                 FlashAttention-2 in plain JAX, `attention_xla`); O(T * block) memory; any mask,
                 traced windows, soft-cap, decode and prefill.
-  "splash"      TPU Pallas splash attention; "pallas_gpu": Pallas Triton flash attention;
+  "splash"      TPU Pallas splash attention; "pallas_gpu": our Pallas Triton flash attention
+                (`attention_triton`: GQA, static window, soft-cap);
   "cudnn"       cuDNN via jax.nn.dot_product_attention. Contracts in `attention_kernels`; each
                 kernel's limits (and so every fall-back reason) are in `kernel_blocker`. On a CPU
                 host the Pallas kernels run interpreted (tests only).
@@ -22,8 +23,8 @@ impl:
                 platform (`lax.platform_dependent`, so exporting for TPU / CUDA from a CPU host
                 gets the kernels), the platform's kernel in AUTO_KERNEL (TPU: splash, CUDA:
                 pallas_gpu) when `kernel_blocker` has no objection, else xla. Decode / prefill
-                (cache positions), traced windows and ragged lengths thus go to xla, and so do
-                soft-cap or window calls on CUDA. cudnn is never picked automatically.
+                (cache positions), traced windows and ragged lengths thus go to xla. cudnn is
+                never picked automatically.
 """
 
 import functools
@@ -35,6 +36,7 @@ import numpy as np
 from jax import lax
 
 from jaxalign.ops import attention_kernels as kernels
+from jaxalign.ops import attention_triton
 from jaxalign.ops import attention_xla
 
 IMPLS = ("auto", "xla", "naive", "splash", "pallas_gpu", "cudnn")
@@ -89,10 +91,9 @@ def _splash_blocker(call):
 
 
 def _pallas_gpu_blocker(call):
-  if call.softcap is not None or call.window is not None:  # the Triton kernel has neither
-    return "pallas_gpu has no logit soft-cap and no sliding window"
-  if kernels.triton_blocks(call.t, call.block_q) is None:  # smallest Triton dot: 16
-    return f"pallas_gpu needs T divisible by {kernels.TRITON_MIN_BLOCK} (T={call.t})"
+  if attention_triton.blocks(call.t, call.block_q) is None:  # smallest Triton dot: 16
+    return (f"pallas_gpu needs T divisible by {attention_triton.MIN_BLOCK} and block_q >= "
+            f"{attention_triton.MIN_BLOCK} (T={call.t}, block_q={call.block_q})")
   return None
 
 
@@ -149,7 +150,8 @@ def _splash(q, k, v, m, call):
 
 
 def _pallas_gpu(q, k, v, m, call):
-  fn = functools.partial(kernels.pallas_gpu_attention, scale=call.scale, block=call.block_q)
+  fn = functools.partial(kernels.pallas_gpu_attention, window=call.window, scale=call.scale,
+                         softcap=call.softcap, block=call.block_q)
   return kernels.per_shard(fn, q, k.astype(q.dtype), v.astype(q.dtype), m.q_seg)
 
 
@@ -203,7 +205,8 @@ def attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids
     scale: logit scale; default H**-0.5.
     impl: "auto", "xla", "naive", "splash", "pallas_gpu", "cudnn" (module docstring).
     block_q, block_k: block sizes of "xla" (clipped to T / S; ragged tails are padded); the
-      kernels use blocks of gcd(T, block_q).
+      kernels use blocks dividing T: splash gcd(T, block_q), pallas_gpu powers of two up to
+      block_q (`attention_triton.blocks`).
 
   For self-attention pass the *same* arrays as q_ and k_positions and as q_ and k_segment_ids:
   that (with T == S) is what lets "auto" use the fused kernels, which mask by token index and so

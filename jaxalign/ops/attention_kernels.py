@@ -1,21 +1,25 @@
-"""Fused attention kernels shipped with JAX, behind the `ops.attention` contract.
+"""Fused attention kernels (JAX's splash and cuDNN, our Triton `attention_triton`) behind the
+`ops.attention` contract.
 
 Shape letters: B batch, T queries, S keys, N query heads, K kv heads, G = N // K, H head dim.
 
-All three kernels build their mask from token *indices* (causal: s <= t; window: t - s < w) and
-one segment-id array, not from positions. They are therefore used only for self-attention calls
+The kernels build their mask from token *indices* (causal: s <= t; window: t - s < w) and one
+segment-id array, not from positions. They are therefore used only for self-attention calls
 (T == S, q and k share the positions and segment-id arrays) whose positions increase by one per
 token inside each document (arange, or restarting per packed document); then the index mask equals
-the position mask of `attention_xla.visible`. Padding (segment 0) queries see only padding keys,
-which keeps every softmax row non-empty (the diagonal); their outputs are zeroed afterwards.
+the position mask of `attention_xla.visible`. In splash and cudnn padding (segment 0) queries see
+only padding keys, which keeps every softmax row non-empty (the diagonal); their outputs are zeroed
+afterwards. pallas_gpu applies the full rule (padding keys are never visible) and returns 0 itself.
 
   splash      TPU Pallas splash attention (`make_splash_mqa`, one kernel per kv head: GQA without
               repeating k/v), causal or local mask, segment ids, logit soft-cap.
-  pallas_gpu  the Pallas Triton flash attention (`pallas.ops.gpu.attention.mha`): causal +
-              segment ids; no window or soft-cap; k/v are repeated to N heads (it has no GQA).
+  pallas_gpu  our Pallas Triton flash attention (`attention_triton`): causal, static window,
+              segment ids, logit soft-cap, GQA without repeating k/v.
   cudnn       `jax.nn.dot_product_attention(implementation="cudnn")`: causal, window, GQA; padding
               only as per-row lengths, so it assumes each row is ONE right-padded document
-              (segment ids 1...1 0...0); no soft-cap. Tracing needs the CUDA plugin (cuDNN version).
+              (segment ids 1...1 0...0); no soft-cap: jax 0.12's cuDNN attention
+              (`jax._src.cudnn.fused_attention_stablehlo`) has no logit soft-cap option. Tracing
+              needs the CUDA plugin (cuDNN version).
 
 On a CPU host the Pallas kernels run in interpret mode (slow; for tests), chosen per lowering
 platform so that `jax.export(..., platforms=["tpu"/"cuda"])` still gets the real kernels.
@@ -37,9 +41,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
+from jaxalign.ops import attention_triton
 
 SPLASH_LANES = 128  # splash blocks must be multiples of the TPU lane width
-TRITON_MIN_BLOCK = 16  # smallest Triton dot
 
 
 def _on_each_platform(make, *args):
@@ -131,30 +135,16 @@ def splash_attention(q, k, v, seg, *, window, scale, softcap, block):
   return _zero_padding_queries(out, seg)
 
 
-def triton_blocks(t, block):
-  """(forward, backward) Triton block sizes for sequence length T, or None if T does not split."""
-  fwd, bwd = math.gcd(t, min(block, 128)), math.gcd(t, 64)
-  return None if min(fwd, bwd) < TRITON_MIN_BLOCK else (fwd, bwd)
-
-
-def pallas_gpu_attention(q, k, v, seg, *, scale, block):
-  """Pallas Triton flash attention, causal with segment ids. q [B, T, N, H], k / v [B, T, K, H],
-  seg [B, T] int32; block as in `triton_blocks`. Returns [B, T, N, H] in q.dtype."""
-  # Imported here: the module warns on import (deprecated in favour of tokamax).
-  from jax.experimental.pallas.ops.gpu import attention as gpu_attention  # noqa: PLC0415
-
-  g = q.shape[2] // k.shape[2]
-  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)  # [B, T, N, H]: head n uses kv n // G
-  fwd, bwd = triton_blocks(q.shape[1], block)
-  sizes = gpu_attention.BlockSizes(block_q=fwd, block_k=fwd, block_q_dkv=bwd, block_kv_dkv=bwd,
-                                   block_q_dq=bwd, block_kv_dq=bwd)
-
+def pallas_gpu_attention(q, k, v, seg, *, window, scale, softcap, block):
+  """Pallas Triton flash attention (`attention_triton`). q [B, T, N, H], k / v [B, T, K, H],
+  seg [B, T] int32 (shared by q and k), window None or a Python int, softcap None or a float,
+  block as in `attention_triton.blocks`. Returns [B, T, N, H] in q.dtype."""
   def make(interpret):
-    return functools.partial(gpu_attention.mha, sm_scale=scale, causal=True, block_sizes=sizes,
+    return functools.partial(attention_triton.flash_attention, scale=scale, softcap=softcap,
+                             window=window, blocks=attention_triton.blocks(q.shape[1], block),
                              interpret=interpret)
 
-  out = _on_each_platform(make, q, k, v, seg)
-  return _zero_padding_queries(out, seg)
+  return _on_each_platform(make, q, k, v, seg)
 
 
 def cudnn_attention(q, k, v, seg, *, window, scale):

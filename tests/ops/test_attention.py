@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 
 from jaxalign.ops import attention as attention_mod
-from jaxalign.ops import attention_xla
+from jaxalign.ops import attention_triton, attention_xla
 from jaxalign.ops import pallas_gpu
 from jaxalign.ops.attention import Call, attention, kernel_blocker, route
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:jax.experimental.pallas.ops.gpu.attention is deprecated"),
 ]
 H = 8
 # Tolerances on max |got - want| / max |want| for the output and each gradient.
@@ -293,14 +292,61 @@ def _kernel_args(case):
   return case["q"], case["k"], case["v"], case["q_positions"], case["q_segment_ids"]
 
 
-def test_pallas_gpu_kernel_interpreted_matches_reference():
-  """The Triton flash kernel in Pallas interpret mode on CPU (GQA via repeated k / v, packed
-  documents, left and right padding). The splash kernel: `test_splash_runs_per_shard...`."""
-  case = _kernel_case(32, 4, 2)
-  f = jax.jit(shared_masks("pallas_gpu"))
+# name -> the features of a Triton-kernel case (T = 64 in blocks of 16: window 20 skips key blocks).
+TRITON_CASES = {
+    "causal": {},
+    "softcap": dict(softcap=1.5, q_scale=3.0),
+    "window": dict(window=20),
+    "window_softcap": dict(window=20, softcap=2.0, q_scale=3.0),
+    "window_softcap_g3": dict(window=20, softcap=2.0, q_scale=3.0, n=6),
+}
+
+
+def pallas_gpu_vs_naive(case):
+  """(got, want): out, dq, dk, dv of the Triton kernel (interpret mode, blocks of 16) and of
+  "naive"."""
   q, k, v, pos, seg = _kernel_args(case)
-  out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg), q, k, v)
-  check_against_reference((out, *vjp(case["g"])), ref_of(case), jnp.float32)
+  results = []
+  for impl in ("pallas_gpu", "naive"):
+    f = jax.jit(shared_masks(impl, window=case["window"], softcap=case["softcap"], block_q=16))
+    out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg), q, k, v)
+    results.append((out, *vjp(case["g"])))
+  return results
+
+
+def assert_close(got, want):
+  for name, x, y in zip(("out", "dq", "dk", "dv"), got, want):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_pallas_gpu_kernel_interpreted_matches_naive(name):
+  """Our Triton flash kernel (`attention_triton`) in Pallas interpret mode on CPU, forward and
+  dq, dk, dv against "naive" in float32: GQA (N=4 or 6, K=2), packed documents with left and right
+  padding, soft-cap, window (each feature changes the answer)."""
+  kw = dict(TRITON_CASES[name])
+  case = _kernel_case(64, kw.pop("n", 4), 2, b=2, **kw)
+  got, want = pallas_gpu_vs_naive(case)
+  assert_close(got, want)
+  check_against_reference(got, ref_of(case), jnp.float32)
+  for feature in ("window", "softcap"):
+    if case[feature] is not None:
+      assert np.max(np.abs(ref_of(case, **{feature: None})["out"] - as_f64(want[0]))) > 0.05
+
+
+def test_pallas_gpu_softcap_derivative_where_tanh_saturates(monkeypatch):
+  """Logits with median |x| ~6x the cap (three quarters have |tanh| > 0.99): the soft-cap's
+  1 - tanh^2 makes dq and dk unlike the uncapped ones. The kernel matches naive, and the same
+  kernel without that factor misses dq and dk by more than their size."""
+  case = _kernel_case(32, 4, 2, b=2, softcap=1.0, q_scale=10.0)
+  got, want = pallas_gpu_vs_naive(case)
+  assert_close(got, want)
+  uncapped = ref_of(case, softcap=None)
+  assert rel_err(want[1], uncapped["dq"]) > 0.5 and rel_err(want[2], uncapped["dk"]) > 0.5
+  monkeypatch.setattr(attention_triton, "_dlogits",
+                      lambda p, dp, delta, th, spec: p * (dp - delta[:, None]) * spec.scale)
+  wrong, _ = pallas_gpu_vs_naive(case)
+  assert rel_err(wrong[1], as_f64(want[1])) > 1 and rel_err(wrong[2], as_f64(want[2])) > 1
 
 
 def _export(fn, platform, *args):
@@ -322,11 +368,11 @@ def _export(fn, platform, *args):
                                                 ("auto", "tpu", "tpu_custom_call"),
                                                 ("auto", "cuda", TRITON)])
 def test_kernel_paths_lower_for_tpu_and_cuda(monkeypatch, impl, platform, call):
-  """Forward and gradient of the kernel paths export on this CPU host ("auto": the platform
-  switch picks the kernel once the problem is not tiny)."""
+  """Forward and gradient of the kernel paths export on this CPU host with Gemma 2's window and
+  soft-cap ("auto": the platform switch picks the kernel once the problem is not tiny)."""
   monkeypatch.setattr(attention_mod, "NAIVE_MAX_SCORES", 0)
   args = _kernel_args(_kernel_case(256, 4, 2, b=2, dtype=jnp.bfloat16))
-  f = shared_masks(impl, window=64 if platform == "tpu" else None)
+  f = shared_masks(impl, window=64, softcap=50.0)
 
   def grad(q, k, v, pos, seg):
     loss = lambda q, k, v: jnp.sum(f(q, k, v, pos, seg).astype(jnp.float32))
@@ -334,6 +380,23 @@ def test_kernel_paths_lower_for_tpu_and_cuda(monkeypatch, impl, platform, call):
 
   assert call in _export(f, platform, *args)
   assert _export(grad, platform, *args).count(call) >= 2  # forward + backward kernels
+
+
+@pytest.mark.parametrize("n,kh,h", [(8, 4, 256), (6, 2, 96)])  # Gemma 2 2B; G = 3, H padded
+def test_triton_kernel_lowers_for_cuda_with_gemma_heads(n, kh, h):
+  """Forward and the three backward Triton kernels (forward again, dk / dv, dq) export for CUDA
+  with Gemma 2's window and soft-cap at real head dims, and for a group of 3 heads."""
+  b, t = 2, 512
+  x = lambda heads: jax.ShapeDtypeStruct((b, t, heads, h), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+  f = shared_masks("pallas_gpu", window=128, softcap=50.0)
+
+  def grad(q, k, v, pos, seg):
+    loss = lambda q, k, v: jnp.sum(f(q, k, v, pos, seg).astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+  assert _export(f, "cuda", x(n), x(kh), x(kh), ids, ids).count(TRITON) == 1
+  assert _export(grad, "cuda", x(n), x(kh), x(kh), ids, ids).count(TRITON) == 3
 
 
 def test_auto_runs_xla_on_cpu_when_kernels_are_possible(monkeypatch):
@@ -367,12 +430,16 @@ def _call(**kw):
 
 def test_auto_routing_table():
   assert route(_call()) == {"default": "xla", "tpu": "splash", "cuda": "pallas_gpu"}
-  assert route(_call(softcap=50.0, window=4096)) == {"default": "xla", "tpu": "splash"}
+  gemma2 = {"default": "xla", "tpu": "splash", "cuda": "pallas_gpu"}
+  assert route(_call(softcap=50.0, window=4096)) == gemma2  # soft-capped sliding layer
+  assert route(_call(softcap=50.0)) == gemma2  # soft-capped global layer
   assert route(_call(traced_window=True)) == {"default": "xla"}
   assert route(_call(t=1, self_attention=False)) == {"default": "naive"}  # decode step
   assert route(_call(t=1000, s=8192, self_attention=False)) == {"default": "xla"}  # prefill
   assert route(_call(t=4000, s=4000)) == {"default": "xla", "cuda": "pallas_gpu"}  # 4000 % 128
   assert route(_call(b=1, n=4, t=256, s=256)) == {"default": "naive"}  # tiny
+  assert "T divisible by 16" in kernel_blocker("pallas_gpu", _call(t=4008, s=4008))
+  assert "block_q >= 16" in kernel_blocker("pallas_gpu", _call(block_q=8))
   assert kernel_blocker("cudnn", _call(dtype=jnp.float32)) is not None
   assert kernel_blocker("cudnn", _call(window=128)) is None
 
@@ -388,11 +455,12 @@ def test_explicit_kernel_that_cannot_take_the_call_raises():
     attention(case["q"], case["k"], case["v"], **masks, impl="flash")
 
 
-def test_splash_runs_per_shard_under_a_mesh():
-  """The TPU splash kernel in Pallas interpret mode on CPU (window, soft-cap, GQA, packed and
-  padded rows) under sharding.use_mesh: it runs inside shard_map (batch over data x fsdp, heads
-  over tensor), matches the reference, and the compiled program has no all-gather of the sharded
-  inputs (without the shard_map the partitioner gathers them around the kernel)."""
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+def test_kernel_runs_per_shard_under_a_mesh(impl):
+  """The TPU splash / our Triton kernel in Pallas interpret mode on CPU (window, soft-cap, GQA,
+  packed and padded rows) under sharding.use_mesh: it runs inside shard_map (batch over data x
+  fsdp, heads over tensor), matches the reference, and the compiled program has no all-gather of
+  the sharded inputs (without the shard_map the partitioner gathers them around the kernel)."""
   from jax.sharding import NamedSharding  # noqa: PLC0415
 
   from jaxalign import sharding  # noqa: PLC0415
@@ -403,7 +471,7 @@ def test_splash_runs_per_shard_under_a_mesh():
   q, k, v, pos, seg = (jax.device_put(x, x_sharding if x.ndim == 4 else b_sharding)
                        for x in _kernel_args(case))
   with sharding.use_mesh(mesh):
-    f = jax.jit(shared_masks("splash", window=40, softcap=5.0))
+    f = jax.jit(shared_masks(impl, window=40, softcap=5.0))
     out, vjp = jax.vjp(lambda q, k, v: f(q, k, v, pos, seg), q, k, v)
     got = (out, *vjp(case["g"]))
     hlo = f.lower(q, k, v, pos, seg).compile().as_text()
