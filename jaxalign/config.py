@@ -287,6 +287,11 @@ class RLConfig:
   # the current policy (0: the frozen initial policy throughout). It is held in the train state, so a checkpoint
   # saved anywhere inside an iteration resumes with the same reference.
   reference_update_steps: int = 0
+  # Mixture-of-experts policies: the training passes route each token to the experts the sampler chose for it
+  # (`models.routing`): "all" (old-policy, reference and update passes), "scoring" (old-policy and reference
+  # passes only) or "none". With an old-policy pass, rollout/logprob_mismatch_* is also reported without
+  # replay (*_no_replay; one more forward pass).
+  routing_replay: str = "all"
 
   def __post_init__(self):
     if self.group_size < 1 or self.max_new_tokens < 1 or self.epochs < 1 or self.minibatches < 1:
@@ -307,6 +312,8 @@ class RLConfig:
     if not 0 <= self.pack_ratio <= 1 or self.pack_length < 0:
       raise ValueError(f"rl.pack_ratio={self.pack_ratio} must be in [0, 1] (0: padded rows) and rl.pack_length="
                        f"{self.pack_length} >= 0")
+    if self.routing_replay not in ("all", "scoring", "none"):
+      raise ValueError(f"rl.routing_replay={self.routing_replay!r}; choose one of all, scoring, none")
     if self.kl_loss_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"rl.kl_loss_estimator={self.kl_loss_estimator!r}; choose one of k1, k2, k3")
 
@@ -328,10 +335,17 @@ class LossConfig:
   # WPO (Zhou et al. 2024, arXiv:2406.11827; TRL's use_weighting): each pair's loss term weighted by
   # exp(mean_t [log p(y_t) - log sum_v p_v^2]) of both responses under the policy, without gradient.
   wpo: bool = False
+  # Mixture-of-experts policies, any objective: + router_aux_coef x the load-balancing loss (transformers'
+  # `router_aux_loss_coef`: Mixtral 0.02, Qwen-MoE 0.001) + router_z_coef x the router z-loss (ST-MoE: 0.001).
+  router_aux_coef: float = 0.0
+  router_z_coef: float = 0.0
 
   def __post_init__(self):
     if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
       raise ValueError(f"loss.ld_alpha={self.ld_alpha} must be in [0, 1] (null: off)")
+    if min(self.router_aux_coef, self.router_z_coef) < 0:
+      raise ValueError(f"loss.router_aux_coef={self.router_aux_coef} and loss.router_z_coef={self.router_z_coef} "
+                       "must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,15 @@ from flax import nnx
 from jaxalign import sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
-from jaxalign.algorithms.step import StepFns, TrainState, init_loss_state, make_optimizer, make_train_step
+from jaxalign.algorithms.step import TrainState, init_loss_state, make_optimizer, make_train_step
 from jaxalign.algorithms.step import opt_state_shardings
 from jaxalign.config import ConfigError, TrainConfig
 from jaxalign.data.pipeline import Batches
 from jaxalign.data.tokenize import Encoded
 from jaxalign.models import CausalLM, ScalarModel
 from jaxalign.models.hf import config_from_hf
-from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, loss_params,
-                              objective_of, online_fns, reference_in_state, stack_micro_batches)
+from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, objective_of,
+                              online_fns, reference_in_state, stack_micro_batches, step_fns)
 
 GIB = 2**30
 
@@ -136,8 +136,7 @@ def abstract_run(cfg: TrainConfig, mcfg, mesh):
                             jax.eval_shape(lambda: init_loss_state(objective)))
   state = TrainState(trainable, opt_state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
                      jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), loss_state)
-  fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora,
-                {"impl": cfg.logprob_impl})
+  fns = step_fns(cfg, graphdef, objective, tx)
   run = Run(cfg, mesh, build_tokenizer(cfg), mcfg, objective, fns, state, frozen, None, None, make_train_step(fns))
   if run.online:
     reference_in_state(run, copy=_frozen)

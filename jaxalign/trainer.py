@@ -215,6 +215,12 @@ def objective_of(cfg: TrainConfig) -> Objective:
     raise ConfigError(str(error)) from None
 
 
+def step_fns(cfg: TrainConfig, graphdef, objective: Objective, tx) -> StepFns:
+  """The static pieces of the run's step (`StepFns`) as the config says."""
+  return StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora,
+                 {"impl": cfg.logprob_impl}, (cfg.loss.router_aux_coef, cfg.loss.router_z_coef))
+
+
 def loss_params(loss_name: str, params: dict) -> dict:
   """`loss.params` checked against the loss's signature and converted to its types (YAML reads 1e-4 as a
   string); one line naming a key the loss does not take (and those it does), or an ill-typed value."""
@@ -375,8 +381,7 @@ def build_run(cfg: TrainConfig) -> Run:
     opt_state = init_opt_state(tx, trainable, trainable_shardings, mesh)
   state = TrainState(trainable, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated),
                      jax.device_put(key, replicated), jax.device_put(init_loss_state(objective), replicated))
-  op = {"impl": cfg.logprob_impl}
-  fns = StepFns(graphdef, objective, tx, loss_params(objective.loss_name, cfg.loss.params), cfg.lora, op)
+  fns = step_fns(cfg, graphdef, objective, tx)
   run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
             make_train_step(fns), make_eval_step(fns))
   if run.online:

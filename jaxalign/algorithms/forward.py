@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import losses, ops, sharding
+from jaxalign.models.routing import collecting
 
 
 def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -27,7 +28,8 @@ def loss_targets(batch: dict) -> tuple[jax.Array, jax.Array]:
 def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "auto",
                 return_entropy: bool = False, return_log_sum_sq: bool = False,
                 logit_floor: jax.Array | None = None):
-  """Per-token log-probs [R, T-1] of the batch's responses (0 off the mask), and the mask [R, T-1].
+  """Per-token log-probs [R, T-1] of the batch's responses (0 off the mask), and the mask [R, T-1]. A batch's
+  "routed_experts" [R, T, L, k] (a mixture-of-experts rollout's record) are replayed (`Decoder.__call__`).
 
   With return_entropy, also the predictive entropy [R, T-1] at every position; with return_log_sum_sq, then
   log sum_v p_v^2 [R, T-1] (no gradient). `logit_floor` [R, T-1] renormalises each position over the tokens
@@ -35,7 +37,8 @@ def token_logps(model, batch: dict, *, temperature: float = 1.0, impl: str = "au
   `ops.token_logprobs`.
   """
   targets, mask = loss_targets(batch)
-  hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"])[:, :-1]  # [R, T-1, D]
+  hidden = model.hidden_states(batch["input_ids"], segment_ids=batch["segment_ids"],
+                               routing=batch.get("routed_experts"))[:, :-1]  # [R, T-1, D]
   out = _head_logps(model, hidden, targets, temperature, impl, logit_floor, return_entropy=return_entropy,
                     return_log_sum_sq=return_log_sum_sq)
   return _with_mask(out, mask)
@@ -50,10 +53,11 @@ def shared_prompt_token_logps(model, batch: dict, prompt_length: int, group: int
   log-probs [R, T-P] of tokens P .. T-1, their mask (, entropies, log sum p^2); logit_floor [R, T-P].
   """
   targets, mask = (x[:, prompt_length - 1:] for x in loss_targets(batch))
-  ids, seg = batch["input_ids"], batch["segment_ids"]
+  ids, seg, routing = batch["input_ids"], batch["segment_ids"], batch.get("routed_experts")
   prompt, prompt_seg = ids[::group, :prompt_length], seg[::group, :prompt_length]
+  replay = () if routing is None else (routing[::group, :prompt_length], routing[:, prompt_length:])
   hidden_p, hidden_s = model.shared_prefix_hidden_states(prompt, prompt_seg, ids[:, prompt_length:],
-                                                         seg[:, prompt_length:])
+                                                         seg[:, prompt_length:], *replay)
   # Token P is predicted from the prompt's last position, token P + j from the completion's position j - 1.
   hidden = jnp.concatenate([jnp.repeat(hidden_p[:, -1:], group, axis=0), hidden_s[:, :-1]], axis=1)
   out = _head_logps(model, hidden, targets, temperature, impl, logit_floor, return_entropy=return_entropy,
@@ -187,5 +191,7 @@ def rows(batch: dict, prefix: str = "") -> dict:
 
 
 def frozen(fn, *args, **kwargs):
-  """Call fn on a frozen model (reference / old policy): same numerics, no gradient."""
-  return jax.tree.map(jax.lax.stop_gradient, fn(*args, **kwargs))
+  """Call fn on a frozen model (reference / old policy): same numerics, no gradient, and its router statistics
+  left out of the trained model's (`routing.collecting`)."""
+  with collecting():
+    return jax.tree.map(jax.lax.stop_gradient, fn(*args, **kwargs))

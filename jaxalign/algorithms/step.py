@@ -17,8 +17,9 @@ import optax
 from flax import nnx
 
 from jaxalign.algorithms import lora as lora_lib
-from jaxalign.algorithms.objectives import Objective, combine_metrics, eval_metrics
+from jaxalign.algorithms.objectives import Objective, combine_metrics, eval_metrics, is_share
 from jaxalign.config import OptimConfig
+from jaxalign.models import routing
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -104,6 +105,9 @@ class StepFns:
   loss_params: dict
   lora: lora_lib.LoraConfig
   op: dict  # token_logprobs options (impl, temperature)
+  # Mixture-of-experts policies: the coefficients of the load-balancing and router z-losses added to the loss
+  # (`with_router_losses`).
+  router_coefs: tuple[float, float] = (0.0, 0.0)
 
   def policy(self, trainable, frozen_params):
     params = lora_lib.merge(frozen_params["base"], trainable, self.lora) if self.lora.enabled else trainable
@@ -129,8 +133,23 @@ class StepFns:
     policy, reference = self.policy(state.trainable, frozen_params), self.reference(frozen_params)
     return {**counts, **jax.lax.stop_gradient(self.objective.prepass(policy, reference, batch, **self.op))}
 
-  def micro_loss(self, trainable, frozen_params, batch, counts):
-    return self.objective.loss(self.stats(trainable, frozen_params, batch), counts, self.loss_params)
+  def micro_loss(self, trainable, frozen_params, batch, counts, share: float = 1.0):
+    """This micro-batch's (loss share, metrics), router losses included: `share` of them (1 / micro-batches)."""
+    with routing.collecting() as collected:
+      stats = self.stats(trainable, frozen_params, batch)
+    loss, metrics = self.objective.loss(stats, counts, self.loss_params)
+    return with_router_losses(loss, metrics, collected, self.router_coefs, share)
+
+
+def with_router_losses(loss, metrics: dict, collected: list, coefs: tuple[float, float], share: float = 1.0):
+  """(loss + share x (aux x balance + z x z-loss), metrics + the router's) over the router statistics a
+  trained mixture of experts reported (`routing.collecting`); the loss as it is for a dense model. The router
+  losses are per micro-batch, as in transformers and Megatron-LM (their balance term is a product of two means
+  over tokens, not a sum over them): `share` makes the step's loss and its `router/*_loss` metrics their mean
+  over the micro-batches."""
+  aux, router_metrics = routing.aux_losses(collected, *coefs)
+  shares = {k: v * share if is_share(k) else v for k, v in router_metrics.items()}
+  return loss + share * aux, {**metrics, **shares}
 
 
 def make_train_step(fns: StepFns):
@@ -144,10 +163,11 @@ def make_train_step(fns: StepFns):
       # Tie the weights to this micro-batch, so XLA cannot hoist their FSDP all-gathers out of the scan
       # (all layers' weights gathered at once: the whole model on every device).
       trainable, frozen, micro_batch = jax.lax.optimization_barrier((state.trainable, frozen_params, micro_batch))
-      (loss, metrics), g = grad_fn(trainable, frozen, micro_batch, counts)
+      (loss, metrics), g = grad_fn(trainable, frozen, micro_batch, counts, share)
       return jax.tree.map(jnp.add, grads, g), {**metrics, "loss": loss}
 
     zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+    share = 1.0 / jax.tree.leaves(batch)[0].shape[0]
     grads, per_micro = jax.lax.scan(accumulate, zeros, batch)
     metrics = combine_metrics(per_micro)
     updates, opt_state = fns.tx.update(grads, state.opt_state, state.trainable)
@@ -166,9 +186,11 @@ def make_eval_step(fns: StepFns):
 
   def evaluate(state: TrainState, batch: dict, frozen_params: dict, counts: dict | None = None):
     stacked = jax.tree.map(lambda x: x[None], batch)
-    stats = fns.stats(state.trainable, frozen_params, batch)
+    with routing.collecting() as collected:
+      stats = fns.stats(state.trainable, frozen_params, batch)
     inputs = {**fns.step_inputs(state, frozen_params, stacked), **(counts or {})}
     loss, metrics = fns.objective.loss(stats, inputs, fns.loss_params)
-    return {**metrics, **eval_metrics(stats, inputs), "loss": loss}
+    router_metrics = routing.aux_losses(collected, *fns.router_coefs)[1]
+    return {**metrics, **router_metrics, **eval_metrics(stats, inputs), "loss": loss}
 
   return evaluate

@@ -14,6 +14,7 @@ from jaxalign.models.config import ModelConfig
 from jaxalign.models.families import FAMILIES
 from jaxalign.models.layers import ACTIVATIONS, MLP, Dense, Embed, RMSNorm
 from jaxalign.models.moe import MoE
+from jaxalign.models.routing import NOT_RECORDED, recorded_dtype, report
 from jaxalign.ops.xla_chunked import soft_cap
 from jaxalign.models.rope import model_rotary_tables
 
@@ -37,31 +38,38 @@ class Block(nnx.Module):
     setattr(self, self.mlp_name, mlp)
     self.sandwich = cfg.sandwich_norms
 
-  def __call__(self, x, cos, sin, mask: MaskInfo, window=None):
-    return self._mlp(self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, window)))
+  def __call__(self, x, cos, sin, mask: MaskInfo, window=None, replay=None):
+    """-> (x [B, T, D], this block's routing: None, or for a mixture of experts (the chosen experts [B, T, k],
+    `RouterStats`)). replay [B, T, k]: the experts to route to where recorded (`routing.route`)."""
+    x = self._residual(x, self.self_attn(self.input_layernorm(x), cos, sin, mask, window))
+    return self._mlp(x, mask.q_segment_ids, replay)
 
   def decode(self, x, cos, sin, mask: MaskInfo, cache: LayerCache, index, window=None,
-             layer=None) -> tuple[LayerCache, jax.Array]:
-    """The block with a KV cache (see `Attention.decode`, also for `layer`). Returns (new_cache, x [B, T, D])."""
+             layer=None) -> tuple[LayerCache, jax.Array, tuple | None]:
+    """The block with a KV cache (see `Attention.decode`, also for `layer`). Returns (new_cache, x [B, T, D],
+    routing as `__call__`'s)."""
     cache, attn = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index, window, layer)
-    return cache, self._mlp(self._residual(x, attn))
+    return (cache, *self._mlp(self._residual(x, attn), mask.q_segment_ids))
 
-  def shared_prefix(self, x: tuple, cos: tuple, sin: tuple, mask: tuple, window=None) -> tuple:
-    """The block on (prefixes, suffixes) pairs (see `Attention.shared_prefix`)."""
+  def shared_prefix(self, x: tuple, cos: tuple, sin: tuple, mask: tuple, window=None, replay=None) -> tuple:
+    """The block on (prefixes, suffixes) pairs (see `Attention.shared_prefix`): (x pair, routing pair); replay:
+    None or a pair."""
     attn = self.self_attn.shared_prefix(tuple(self.input_layernorm(part) for part in x), cos, sin, mask, window)
-    return tuple(self._mlp(self._residual(part, a)) for part, a in zip(x, attn))
+    replay = (None,) * len(x) if replay is None else replay
+    out = [self._mlp(self._residual(part, a), m.q_segment_ids, r) for part, a, m, r in zip(x, attn, mask, replay)]
+    return tuple(o[0] for o in out), tuple(o[1] for o in out)
 
   def _residual(self, x, attn):
     """x plus the attention branch (normed first with sandwich norms)."""
     return x + (self.post_attention_layernorm(attn) if self.sandwich else attn)
 
-  def _mlp(self, x):
+  def _mlp(self, x, segment_ids, replay=None):
+    """x plus the MLP branch, and the routing of a mixture of experts (None for a dense MLP)."""
     mlp = getattr(self, self.mlp_name)
-    if self.sandwich:
-      x = x + self.post_feedforward_layernorm(mlp(self.pre_feedforward_layernorm(x)))
-    else:
-      x = x + mlp(self.post_attention_layernorm(x))
-    return sharding.constrain(x, ("batch", "seq", "act_embed"))
+    h = (self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm)(x)
+    h, *routing = mlp(h, segment_ids != 0, replay) if isinstance(mlp, MoE) else (mlp(h),)
+    x = x + (self.post_feedforward_layernorm(h) if self.sandwich else h)
+    return sharding.constrain(x, ("batch", "seq", "act_embed")), tuple(routing) if routing else None
 
 
 def default_positions(segment_ids: jax.Array) -> jax.Array:
@@ -81,7 +89,9 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
 #   "positions": [B, S] int32, the position id of the token in each slot;
 #   "valid":     [B, S] bool, whether the slot holds a real token (False: empty or padding);
 #   "layers":    tuple of one `LayerCache` ({"k", "v"}: [B, K, S, H]) per layer, or with scan_layers
-#                one {"k", "v"} [L, B, K, S, H] (see `layer_stack.init_layer_caches`).
+#                one {"k", "v"} [L, B, K, S, H] (see `layer_stack.init_layer_caches`);
+#   "routing":   mixture-of-experts models only: [B, S, L, k] the experts each slot's token was routed to in each
+#                layer (`routing.NOT_RECORDED` in empty slots), what routing replay hands the training passes.
 Cache = dict
 
 
@@ -90,12 +100,22 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
   dtype = cfg.compute_dtype if dtype is None else dtype
   kv = jnp.zeros((batch, cfg.num_kv_heads, max_len, cfg.head_size), dtype)  # [B, K, S, H]
   kv = sharding.constrain(kv, cache_axes())
-  return {
+  cache = {
     "index": jnp.zeros((), jnp.int32),
     "positions": jnp.zeros((batch, max_len), jnp.int32),
     "valid": jnp.zeros((batch, max_len), bool),
     "layers": layer_stack.init_layer_caches(cfg, kv),
   }
+  if cfg.num_experts:
+    shape = (batch, max_len, cfg.num_layers, cfg.num_experts_per_tok)
+    cache["routing"] = sharding.constrain(jnp.full(shape, NOT_RECORDED, recorded_dtype(cfg.num_experts)),
+                                          cache_routing_axes())
+  return cache
+
+
+def cache_routing_axes() -> tuple:
+  """Logical names of the cache's recorded routing [B, S, L, k]."""
+  return (*cache_slot_axes(), None, None)
 
 
 class Decoder(nnx.Module):
@@ -111,26 +131,33 @@ class Decoder(nnx.Module):
     self.config = cfg
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               routing: jax.Array | None = None) -> jax.Array:
     """input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) or segment_ids [B, T] for
-    packed rows (0 = padding, 1, 2, ... = documents). positions default to per-segment counts."""
+    packed rows (0 = padding, 1, 2, ... = documents). positions default to per-segment counts. routing
+    [B, T, L, k]: a mixture of experts routes each token to these experts where recorded (routing replay).
+    A mixture of experts reports its `RouterStats` to `routing.collecting`."""
     cfg = self.config
     if segment_ids is None:
       segment_ids = jnp.ones_like(input_ids) if attention_mask is None else attention_mask.astype(jnp.int32)
     if positions is None:
       positions = default_positions(segment_ids)
     cos, sin = model_rotary_tables(cfg, positions)
-    x = layer_stack.forward(self.layers, cfg, self._embed(input_ids), cos, sin, sequence_mask_info(segment_ids))
+    x, layers_routing = layer_stack.forward(self.layers, cfg, self._embed(input_ids), cos, sin,
+                                            sequence_mask_info(segment_ids), replay=_layers_first(routing))
+    _report(layers_routing)
     return self.norm(x)
 
   def shared_prefix(self, prefix_ids: jax.Array, prefix_segment_ids: jax.Array, suffix_ids: jax.Array,
-                    suffix_segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    suffix_segment_ids: jax.Array, prefix_routing: jax.Array | None = None,
+                    suffix_routing: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Rows that share a prefix, with each prefix computed once: row r is prefix r // n followed by suffix r.
 
     prefix_ids, prefix_segment_ids [G, P]: left-padded (0 = padding); suffix_ids, suffix_segment_ids [G*n, S]:
     right-padded, rows g*n .. g*n+n-1 continue prefix g. Each suffix token sees its prefix's tokens and the
     tokens of its own suffix up to itself, at positions continuing the prefix's: the hidden states equal those
     of the [G*n, P+S] rows (prefix repeated) at n-fold less prefix compute.
+    prefix_routing [G, P, L, k], suffix_routing [G*n, S, L, k]: routing replay, as in `__call__` (both or none).
     Returns the final-norm hidden states (prefixes [G, P, D], suffixes [G*n, S, D]).
     """
     cfg = self.config
@@ -146,9 +173,13 @@ class Decoder(nnx.Module):
     # grow from the prefix into the suffix.
     suffix_mask = MaskInfo(suffix_pos, suffix_seg, jnp.concatenate([repeat(prefix_pos), suffix_pos], axis=1),
                            jnp.concatenate([repeat(prefix_seg), suffix_seg], axis=1))
-    x = layer_stack.forward(self.layers, cfg, (self._embed(prefix_ids), self._embed(suffix_ids)),
-                            (cos_p, cos_s), (sin_p, sin_s), (sequence_mask_info(prefix_seg), suffix_mask),
-                            method="shared_prefix")
+    replay = None if prefix_routing is None else (_layers_first(prefix_routing), _layers_first(suffix_routing))
+    x, layers_routing = layer_stack.forward(self.layers, cfg, (self._embed(prefix_ids), self._embed(suffix_ids)),
+                                            (cos_p, cos_s), (sin_p, sin_s),
+                                            (sequence_mask_info(prefix_seg), suffix_mask), method="shared_prefix",
+                                            replay=replay)
+    for part in layers_routing:
+      _report(part)
     return self.norm(x[0]), self.norm(x[1])
 
   def decode(self, input_ids: jax.Array, positions: jax.Array, cache: Cache,
@@ -166,14 +197,18 @@ class Decoder(nnx.Module):
     k_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
     cos, sin = model_rotary_tables(cfg, positions)
     mask = cache_mask_info(positions, k_positions, k_valid)
-    layer_caches, x = layer_stack.decode(self.layers, cfg, self._embed(input_ids), cos, sin, mask,
-                                         cache["layers"], index)
+    layer_caches, x, layers_routing = layer_stack.decode(self.layers, cfg, self._embed(input_ids), cos, sin, mask,
+                                                         cache["layers"], index)
     new_cache = {
       "index": index + input_ids.shape[1],
       "positions": sharding.constrain(k_positions, cache_slot_axes()),
       "valid": sharding.constrain(k_valid, cache_slot_axes()),
       "layers": layer_caches,
     }
+    if layers_routing is not None:  # [L, B, T, k] -> the cache's [B, S, L, k] at slots [index, index + T)
+      experts = jnp.moveaxis(layers_routing[0], 0, 2).astype(cache["routing"].dtype)
+      new_cache["routing"] = sharding.constrain(
+        jax.lax.dynamic_update_slice(cache["routing"], experts, (0, index, 0, 0)), cache_routing_axes())
     return new_cache, self.norm(x)
 
   def _embed(self, input_ids: jax.Array) -> jax.Array:
@@ -182,6 +217,17 @@ class Decoder(nnx.Module):
     if self.config.scale_embeddings:
       x = x * jnp.asarray(self.config.hidden_size**0.5, x.dtype)
     return sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+
+def _layers_first(routing: jax.Array | None) -> jax.Array | None:
+  """Recorded routing [B, T, L, k] -> [L, B, T, k] (per layer, as the blocks take it)."""
+  return None if routing is None else jnp.moveaxis(routing, 2, 0)
+
+
+def _report(layers_routing) -> None:
+  """Hands a forward pass's router statistics [L, ...] (if it has experts) to `routing.collecting`."""
+  if layers_routing is not None:
+    report(layers_routing[1])
 
 
 class CausalLM(nnx.Module):
@@ -194,14 +240,17 @@ class CausalLM(nnx.Module):
       param_dtype=cfg.weight_dtype, rngs=rngs)
     self.config = cfg
 
-  def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None) -> jax.Array:
-    """Final-norm hidden states [B, T, D]."""
-    return self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids)
+  def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None,
+                    routing=None) -> jax.Array:
+    """Final-norm hidden states [B, T, D] (routing: replay, see `Decoder.__call__`)."""
+    return self.model(input_ids, attention_mask, positions=positions, segment_ids=segment_ids, routing=routing)
 
-  def shared_prefix_hidden_states(self, prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids):
+  def shared_prefix_hidden_states(self, prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids,
+                                  prefix_routing=None, suffix_routing=None):
     """Final-norm hidden states of prefixes [G, P, D] and of the suffixes continuing them [G*n, S, D]
     (see `Decoder.shared_prefix`)."""
-    return self.model.shared_prefix(prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids)
+    return self.model.shared_prefix(prefix_ids, prefix_segment_ids, suffix_ids, suffix_segment_ids,
+                                    prefix_routing, suffix_routing)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache for `decode` (see `Cache`): `batch` rows, `max_len` slots."""

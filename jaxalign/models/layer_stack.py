@@ -9,6 +9,7 @@ queries, S keys / cache slots, K kv heads, H head dim, D width.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -85,44 +86,70 @@ def _per_layer(cfg: ModelConfig):
   return static_window, static_rope, xs
 
 
-def _block_fn(graphdef, policy, in_scan: bool = False, static_window: bool = True, method: str = "__call__"):
-  """apply(params, x, cos, sin, mask, window) -> x for one block's `method`, rematerialised by `policy`.
+def _block_fn(graphdef, policy, in_scan: bool = False, method: str = "__call__"):
+  """apply(params, x, cos, sin, mask, window, replay) -> (x, routing) for one block's `method`, rematerialised by
+  `policy`. The window is a static int or None.
 
-  The window is a static int/None, or (static_window=False) a traced per-layer window from a scan.
   Outside a scan XLA would merge the recomputation with the original forward (CSE) and keep the
   activations after all, so the recomputation is fenced off there (`prevent_cse`); a scan body needs no fence.
   """
 
-  def apply(params, x, cos, sin, mask, window):
-    return getattr(nnx.merge(graphdef, params), method)(x, cos, sin, mask, window)
+  def apply(params, x, cos, sin, mask, window, replay):
+    return getattr(nnx.merge(graphdef, params), method)(x, cos, sin, mask, window, replay)
 
   if policy is None:
     return apply
-  return jax.checkpoint(apply, policy=policy, prevent_cse=not in_scan, static_argnums=(5,) if static_window else ())
+  return jax.checkpoint(apply, policy=policy, prevent_cse=not in_scan, static_argnums=(5,))
 
 
-def forward(layers, cfg: ModelConfig, x, cos, sin, mask, method: str = "__call__"):
-  """x [B, T, D] through every block (loop or scan). `layers`: nnx.List of blocks, or one stacked block.
-  cos, sin: the model's rotary tables [R, B, T, H] (`rope.model_rotary_tables`); each layer takes its own.
-  method: the blocks' method; "shared_prefix" takes (prefixes, suffixes) pairs of x, cos, sin and mask."""
+def forward(layers, cfg: ModelConfig, x, cos, sin, mask, method: str = "__call__", replay=None):
+  """x [B, T, D] through every block (loop or scan) -> (x, the blocks' routing stacked [L, ...]: None for dense
+  blocks, else (experts [L, B, T, k], `RouterStats` [L, ...])). `layers`: nnx.List of blocks, or one stacked
+  block. cos, sin: the model's rotary tables [R, B, T, H] (`rope.model_rotary_tables`); each layer takes its own.
+  replay: None, or the experts to route each layer's tokens to [L, B, T, k] (`routing.route`). method: the
+  blocks' method; "shared_prefix" takes (prefixes, suffixes) pairs of x, cos, sin, mask and replay, and returns
+  pairs."""
   policy = remat_policy(cfg.remat)
   if not cfg.scan_layers:
+    routing = []
     for i, block in enumerate(layers):
       graphdef, params = nnx.split(block)
       r = cfg.layer_rope(i)
-      x = _block_fn(graphdef, policy, method=method)(params, x, _table(cos, r), _table(sin, r), mask,
-                                                     cfg.layer_window(i))
-    return x
+      x, layer_routing = _block_fn(graphdef, policy, method=method)(
+        params, x, _table(cos, r), _table(sin, r), mask, cfg.layer_window(i), _table(replay, i))
+      routing.append(layer_routing)
+    return x, jax.tree.map(lambda *layers: jnp.stack(layers), *routing)
   graphdef, params = nnx.split(layers)
   static_window, static_rope, xs = _per_layer(cfg)
-  apply = _block_fn(graphdef, policy, in_scan=True, static_window="window" not in xs, method=method)
+  apply = _block_fn(graphdef, policy, in_scan=True, method=method)
+  windows, xs = _window_choices(cfg, xs)
 
   def body(x, layer):
-    params_i, data = layer
+    params_i, data, replay_i = layer
     r = data.get("rope", static_rope)
-    return apply(params_i, x, _table(cos, r), _table(sin, r), mask, data.get("window", static_window)), None
+    args = (params_i, x, _table(cos, r), _table(sin, r), mask)
+    if "window" not in data:
+      return apply(*args, static_window, replay_i)
+    # Each layer's window as a static int for the attention kernels (splash, Triton take no traced window):
+    # one branch per distinct window, the layer's chosen by its index.
+    return jax.lax.switch(data["window"], [functools.partial(_with_window, apply, w, replay_i) for w in windows],
+                          *args)
 
-  return jax.lax.scan(body, x, (params, xs))[0]
+  return jax.lax.scan(body, x, (params, xs, replay))
+
+
+def _with_window(apply, window, replay, *args):
+  return apply(*args, window, replay)
+
+
+def _window_choices(cfg: ModelConfig, xs: dict):
+  """(the distinct sliding windows of the layers (None: global), xs with each layer's window replaced by its index
+  in them) when the windows vary, else ((), xs)."""
+  if "window" not in xs:
+    return (), xs
+  windows = [cfg.layer_window(i) for i in range(cfg.num_layers)]
+  choices = tuple(dict.fromkeys(windows))
+  return choices, {**xs, "window": jnp.asarray([choices.index(w) for w in windows], jnp.int32)}
 
 
 def init_layer_caches(cfg: ModelConfig, kv: jax.Array):
@@ -134,14 +161,16 @@ def init_layer_caches(cfg: ModelConfig, kv: jax.Array):
 
 
 def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, caches, index: jax.Array):
-  """Cached decoding through every block: (new per-layer caches, x [B, T, D]). See `Block.decode`."""
+  """Cached decoding through every block: (new per-layer caches, x [B, T, D], routing as `forward`'s). See
+  `Block.decode`."""
   if not cfg.scan_layers:
-    new_caches = []
+    new_caches, routing = [], []
     for i, block in enumerate(layers):
       r = cfg.layer_rope(i)
-      cache, x = block.decode(x, cos[r], sin[r], mask, caches[i], index, cfg.layer_window(i))
+      cache, x, layer_routing = block.decode(x, cos[r], sin[r], mask, caches[i], index, cfg.layer_window(i))
       new_caches.append(cache)
-    return tuple(new_caches), x
+      routing.append(layer_routing)
+    return tuple(new_caches), x, jax.tree.map(lambda *layers: jnp.stack(layers), *routing)
   graphdef, params = nnx.split(layers)
   static_window, static_rope, xs = _per_layer(cfg)
 
@@ -152,8 +181,9 @@ def decode(layers, cfg: ModelConfig, x: jax.Array, cos, sin, mask: MaskInfo, cac
     r = data.get("rope", static_rope)
     # Layer i writes only its new entries into the stack and reads its own slice: slicing the layer's
     # [B, K, S, H] out and writing all of it back made XLA copy the whole stacked cache every step.
-    caches, x = block.decode(x, cos[r], sin[r], mask, caches, index, data.get("window", static_window), layer=i)
-    return (x, caches), None
+    caches, x, routing = block.decode(x, cos[r], sin[r], mask, caches, index, data.get("window", static_window),
+                                      layer=i)
+    return (x, caches), routing
 
-  (x, caches), _ = jax.lax.scan(body, (x, caches), (jnp.arange(cfg.num_layers), params, xs))
-  return caches, x
+  (x, caches), routing = jax.lax.scan(body, (x, caches), (jnp.arange(cfg.num_layers), params, xs))
+  return caches, x, routing

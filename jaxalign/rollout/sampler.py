@@ -21,7 +21,8 @@ from flax import nnx
 from jaxalign import sharding
 from jaxalign.data.batching import left_pad
 from jaxalign.models.attention import cache_axes, cache_slot_axes
-from jaxalign.models.decoder import default_positions
+from jaxalign.models.decoder import cache_routing_axes, default_positions
+from jaxalign.models.routing import NOT_RECORDED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,10 @@ class Rollout(NamedTuple):
   # `jaxalign.ops.token_logprobs(..., logit_floor=...)` to renormalise over the same set, so importance
   # ratios compare the policy that generated the tokens.
   logit_floor: jax.Array
+  # Mixture-of-experts policies: [B, P+N, L, k] the experts each token of the row (prompt, then completion) was
+  # routed to in each layer while sampling (`routing.NOT_RECORDED` for the last completion token, which the
+  # sampler never runs); the training passes can replay them (`Decoder.__call__(routing=...)`). None: dense.
+  routing: jax.Array | None = None
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -193,13 +198,16 @@ def _grouped_cache(model, prefill: dict, group_size: int, max_len: int) -> dict:
     entries = jnp.repeat(entries, group_size, axis=rows_axis).astype(empty.dtype)
     return sharding.constrain(jax.lax.dynamic_update_slice(empty, entries, (0,) * empty.ndim), names)
 
-  return {
+  out = {
     "index": prefill["index"],
     "positions": fill(grouped["positions"], prefill["positions"], cache_slot_axes()),
     "valid": fill(grouped["valid"], prefill["valid"], cache_slot_axes()),
     "layers": jax.tree.map(lambda empty, entries: fill(empty, entries, kv_names, int(stacked)), grouped["layers"],
                            prefill["layers"]),
   }
+  if "routing" in prefill:
+    out["routing"] = fill(grouped["routing"], prefill["routing"], cache_routing_axes())
+  return out
 
 
 def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Array,
@@ -254,8 +262,18 @@ def generate(model, prompt_ids: jax.Array, prompt_mask: jax.Array, key: jax.Arra
     out = _emit(out, model.logits(hidden[:, 0]), i, step_keys[i], cfg)
     return i + 1, cache, jax.tree.map(row_sharded, out)
 
-  _, _, out = jax.lax.while_loop(keep_going, step, (jnp.int32(1), cache, out))
-  return Rollout(prompt_ids, prompt_mask, out.tokens, out.mask, out.logprobs, out.done, out.floor)
+  _, cache, out = jax.lax.while_loop(keep_going, step, (jnp.int32(1), cache, out))
+  return Rollout(prompt_ids, prompt_mask, out.tokens, out.mask, out.logprobs, out.done, out.floor,
+                 _rows_routing(cache))
+
+
+def _rows_routing(cache: dict) -> jax.Array | None:
+  """The experts every token of the rollout's rows [B, P+N, L, k] went to, from the final cache's slots
+  [B, P+N-1, L, k] (the last completion token was never run: not recorded). None without experts."""
+  if "routing" not in cache:
+    return None
+  recorded = cache["routing"]
+  return jnp.pad(recorded, ((0, 0), (0, 1), (0, 0), (0, 0)), constant_values=NOT_RECORDED)
 
 
 _generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))

@@ -154,3 +154,16 @@ def test_a_kernel_asked_for_by_name_leaves_cached_decoding_to_the_blockwise_path
     cache, hidden = model.decode(ids, default_positions(mask), cache, segment_ids=mask)
     logits[impl] = model.logits(hidden) * mask[..., None]
   np.testing.assert_allclose(logits["splash"], logits["naive"], atol=2e-5)
+
+
+def test_a_scan_over_local_and_global_layers_hands_the_attention_kernel_static_windows():
+  """Gemma 2's alternating windows in a layer scan reach the attention op as static ints (one branch per
+  distinct window), so a kernel that takes no traced window (Triton, splash) serves them: the scanned model on
+  the Pallas Triton kernel (interpreted here) equals the loop on the reference einsum, soft-cap included."""
+  cfg = tiny("gemma2", vocab_size=VOCAB, attn_logit_softcap=5.0)
+  loop = CausalLM(cfg.replace(attention_impl="naive"), rngs=nnx.Rngs(0))
+  scan = CausalLM(cfg.replace(attention_impl="pallas_gpu", scan_layers=True), rngs=nnx.Rngs(0))
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, VOCAB, (2, 16)))
+  mask = jnp.asarray([[1] * 16, [0] * 5 + [1] * 11])
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(scan(ids, mask))[real], np.asarray(loop(ids, mask))[real], atol=2e-5)

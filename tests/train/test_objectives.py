@@ -355,5 +355,51 @@ def test_dpo_trains_a_tiny_model_of_the_newer_families(stage, family):
   from tests.train.conftest import TINY_MODEL
 
   model = dataclasses.asdict(tiny(family, **TINY_MODEL, head_dim=8))
-  assert_trains(*run_steps(stage(algorithm="preference", loss__name="dpo", data__format="preference",
-                                 optim__lr=1e-2, model=model)))
+  before, after, moved = run_steps(stage(algorithm="preference", loss__name="dpo", data__format="preference",
+                                         optim__lr=1e-2, model=model, loss__router_aux_coef=0.01))
+  assert_trains(before, after, moved)
+  assert ("router/balance_loss" in after) == (family == "qwen2_moe")
+
+
+def _moe_stage(stage, **changes):
+  import dataclasses
+
+  from jaxalign.models import tiny
+  from tests.train.conftest import TINY_MODEL
+
+  return stage(model=dataclasses.asdict(tiny("qwen2_moe", **TINY_MODEL, head_dim=8)), **changes)
+
+
+def test_router_losses_join_the_objective(stage):
+  """A mixture of experts adds aux x balance + z x z-loss to the objective's loss (whichever: the step adds them
+  to `Objective.loss`), as the mean over the step's micro-batches, and reports the router's statistics; the same
+  step without coefficients differs by exactly that. (DPO on a mixture of experts:
+  test_dpo_trains_a_tiny_model_of_the_newer_families.)"""
+  steps = {}
+  for coefs in ((0.0, 0.0), (0.5, 0.1)):
+    cfg = _moe_stage(stage, algorithm="sft", loss__name="sft", optim__grad_accum=2,
+                     loss__router_aux_coef=coefs[0], loss__router_z_coef=coefs[1])
+    run = build_run(cfg)
+    micro = stack_micro_batches([next(run.train_data) for _ in range(2)])
+    steps[coefs] = jax.device_get(jax.jit(make_train_step(run.fns))(
+      run.state, put_batch(micro, run.mesh, cfg.mesh.rules, 1), run.frozen)[1])
+  plain, with_aux = steps[(0.0, 0.0)], steps[(0.5, 0.1)]
+  assert 1.5 < plain["router/balance_loss"] < 3.0 and plain["router/z_loss"] > 0  # k = 2 when balanced
+  assert plain["router/max_load"] >= 1.0 >= plain["router/min_load"]
+  np.testing.assert_allclose(with_aux["loss"] - plain["loss"],
+                             0.5 * plain["router/balance_loss"] + 0.1 * plain["router/z_loss"], rtol=1e-4)
+  assert with_aux["grad_norm"] != plain["grad_norm"]
+
+
+def test_the_balancing_loss_evens_the_experts_load(stage):
+  """Trained with a large balancing coefficient, the router spreads held-out tokens more evenly than without."""
+  after = {}
+  for aux in (0.0, 5.0):
+    before, after[aux], _ = run_steps(_moe_stage(stage, algorithm="sft", loss__name="sft", optim__lr=3e-2,
+                                                 loss__router_aux_coef=aux), steps=4)
+  assert after[5.0]["router/balance_loss"] < min(after[0.0]["router/balance_loss"], before["router/balance_loss"])
+
+
+def test_a_dense_model_reports_no_router_statistics(stage):
+  before, _, _ = run_steps(stage(algorithm="sft", loss__name="sft", loss__router_aux_coef=0.5), steps=0)
+  assert not any(k.startswith("router/") for k in before)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import sharding
+from jaxalign.models.routing import NOT_RECORDED
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,15 @@ def _merged(x: jax.Array) -> jax.Array:
 
 
 def pack(x: jax.Array, packing: Packing, fill=0, *, targets: bool = False) -> jax.Array:
-  """Token-aligned x [U, T] -> [M, L] in the packed layout (`fill` on padding). targets: x [U, T-1] is
-  aligned with tokens 1..T-1 (next-token targets) and so is the result [M, L-1]."""
+  """Token-aligned x [U, T, ...] -> [M, L, ...] in the packed layout (`fill` on padding). targets: x [U, T-1]
+  is aligned with tokens 1..T-1 (next-token targets) and so is the result [M, L-1]."""
   if targets:
     x = jnp.concatenate([jnp.full_like(x[:, :1], fill), x], axis=1)
 
   def one(rows, source):
-    picked = rows.reshape(-1)[jnp.maximum(source, 0)]
-    return jnp.where(source >= 0, picked, jnp.asarray(fill, rows.dtype))
+    picked = rows.reshape(-1, *rows.shape[2:])[jnp.maximum(source, 0)]
+    real = (source >= 0).reshape(*source.shape, *(1,) * (rows.ndim - 2))
+    return jnp.where(real, picked, jnp.asarray(fill, rows.dtype))
 
   packed = _merged(jax.vmap(one)(_by_shard(x, packing.source.shape[0]), packing.source))
   return packed[:, 1:] if targets else packed
@@ -130,9 +132,13 @@ def unpack(y: jax.Array, packing: Packing, fill=0, *, targets: bool = False) -> 
 
 
 def packed_rows(rows: dict, packing: Packing) -> dict:
-  """Training rows (input_ids, loss_mask, segment_ids [U, T]) in the packed layout [M, L]."""
-  return {"input_ids": pack(rows["input_ids"], packing), "loss_mask": pack(rows["loss_mask"], packing),
-          "segment_ids": _merged(packing.segment_ids)}
+  """Training rows (input_ids, loss_mask, segment_ids [U, T]; routed_experts [U, T, L, k] if recorded) in the
+  packed layout [M, L]."""
+  out = {"input_ids": pack(rows["input_ids"], packing), "loss_mask": pack(rows["loss_mask"], packing),
+         "segment_ids": _merged(packing.segment_ids)}
+  if "routed_experts" in rows:
+    out["routed_experts"] = pack(rows["routed_experts"], packing, NOT_RECORDED)
+  return out
 
 
 def _is_rows(x) -> bool:

@@ -22,9 +22,10 @@ from jaxalign.algorithms.forward import frozen as no_grad
 from jaxalign.algorithms.forward import loss_targets, prompt_sharing, shared_prompt_token_logps, token_logps
 from jaxalign.algorithms.online.base import Algorithm, Scored, mismatch_metrics, take
 from jaxalign.algorithms.online.packing import pack, packed_or_padded, packed_rows, unpack
-from jaxalign.algorithms.step import StepFns, TrainState
+from jaxalign.algorithms.step import StepFns, TrainState, with_router_losses
 from jaxalign.config import RLConfig
 from jaxalign.data import batching
+from jaxalign.models import routing
 from jaxalign.models.decoder import last_token_values
 from jaxalign.rollout.decode_layout import generate_in_decode_layout
 from jaxalign.rollout.sampler import SamplingConfig
@@ -130,12 +131,22 @@ class OnlineFns:
     return shaped_scores(self.rl, scores, greedy)[0]
 
 
-def rollout_rows(rollout) -> dict:
-  """Training rows [R, P+N] from left-padded prompts and completions (segment 1 on real tokens)."""
+def rollout_rows(rollout, replay: bool = False) -> dict:
+  """Training rows [R, P+N] from left-padded prompts and completions (segment 1 on real tokens); replay: with the
+  experts a mixture-of-experts sampler routed each token to ("routed_experts" [R, P+N, L, k]), if it recorded
+  them."""
   ids = jnp.concatenate([rollout.prompt_ids, rollout.tokens], axis=1)
-  return {"input_ids": ids,
+  rows = {"input_ids": ids,
           "loss_mask": jnp.concatenate([jnp.zeros_like(rollout.prompt_mask), rollout.mask], axis=1),
           "segment_ids": jnp.concatenate([rollout.prompt_mask, rollout.mask], axis=1)}
+  if replay and rollout.routing is not None:
+    rows["routed_experts"] = rollout.routing
+  return rows
+
+
+def without_replay(rows: dict) -> dict:
+  """Rows whose tokens route themselves."""
+  return {k: v for k, v in rows.items() if k != "routed_experts"}
 
 
 # The training path recomputes the logits the sampler compared with its floor, equal up to rounding in float32
@@ -194,8 +205,10 @@ def _update(ctx: OnlineFns, state: TrainState, frozen_params, units, key):
     order = order.reshape(rl.epochs * rl.minibatches, size)
 
   def loss_fn(trainable, unit):
-    stats = algorithm.stats(ctx, ctx.policy(trainable, frozen_params), trainable, unit)
+    with routing.collecting() as collected:
+      stats = algorithm.stats(ctx, ctx.policy(trainable, frozen_params), trainable, unit)
     loss, metrics = algorithm.loss_fn(ctx, stats, algorithm.counts(ctx, stats, size))
+    loss, metrics = with_router_losses(loss, metrics, collected, ctx.fns.router_coefs)
     return loss, {**metrics, **algorithm.update_metrics(unit, stats)}
 
   def one_step(carry, index):
@@ -231,24 +244,31 @@ def learn(ctx: OnlineFns, state: TrainState, frozen_params, rollout, uid, scores
   rl, algorithm = ctx.rl, ctx.algorithm
   policy = ctx.policy(state.trainable, frozen_params)
   scores, metrics = shaped_scores(rl, scores, rollout)
-  rows = rollout_rows(rollout)
+  rows = rollout_rows(rollout, replay=rl.routing_replay != "none")
   floor = target_floor(rollout) if algorithm.replays_sampling_mask and rl.truncates else None
   reference = ctx.reference(state, frozen_params)
 
   old_pass = algorithm.needs_old_pass(rl)
+  replayed = "routed_experts" in rows
 
   def old_and_reference(rows):
     logps = ctx.with_shared_prompts().completion_logps  # the rollout's rows: whole groups
     old = no_grad(logps, policy, rows, floor)[0] if old_pass else None
+    unreplayed = no_grad(logps, policy, without_replay(rows), floor)[0] if old_pass and replayed else None
     # The reference's full distribution: the floor is the policy's logit, meaningless for another network,
     # and the KL terms measure KL(pi_sampled || pi_ref).
-    return old, no_grad(logps, reference, rows, None)[0] if reference is not None else old
+    return old, no_grad(logps, reference, rows, None)[0] if reference is not None else old, unreplayed
 
-  (old, ref), packing = (packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
-                         if old_pass or reference is not None else ((None, None), {}))
+  (old, ref, unreplayed), packing = (packed_or_padded(old_and_reference, rows, rl.pack_ratio, rl.pack_length)
+                                     if old_pass or reference is not None else ((None, None, None), {}))
   metrics.update({f"packing/scoring_{k}": v for k, v in packing.items()})
   mask = trained_mask(rl, ctx.completion_mask(rows), rollout)
   metrics.update(_rollout_metrics(rollout, mask))
+  if unreplayed is not None:
+    metrics.update({f"{k}_no_replay": v for k, v in mismatch_metrics(unreplayed, rollout.logprobs,
+                                                                      rollout.mask).items()})
+  if rl.routing_replay == "scoring":
+    rows = without_replay(rows)
   if old is not None:
     metrics.update(mismatch_metrics(old, rollout.logprobs, rollout.mask))
     if reference is not None:  # the sampled tokens' k1 to the reference (a loss's own "kl" is its estimate)
