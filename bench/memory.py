@@ -52,11 +52,12 @@ ROWS = {
                            "configs/gemma2_2b_dpo.yaml: 8 devices, 4 pairs x 1024 tokens per device"),
   "gemma3-1b-dpo-recipe": ("configs/gemma3_1b_dpo.yaml", model_keys("gemma3-1b"), 8, 40.0,
                            "configs/gemma3_1b_dpo.yaml: 8 devices, 4 pairs x 2048 tokens per device"),
-  "qwen3-moe-dpo": ("configs/llama_8b_dpo.yaml", model_keys("qwen3-30b-a3b"), 16, 80.0,
-                    "Qwen3-30B-A3B on the 8b DPO recipe's shape: (data 2, fsdp 8), 8 rows x 2048 tokens per device"),
+  "qwen3-moe-dpo": ("configs/llama_8b_dpo.yaml", model_keys("qwen3-30b-a3b") + ["data.batch_size=32"], 16, 80.0,
+                    "Qwen3-30B-A3B on the 8b DPO recipe's mesh (data 2, fsdp 8), 2 pairs (4 rows) x 2048 tokens per "
+                    "device, precomputed reference"),
   "qwen3-moe-grpo-recipe": ("configs/qwen3_moe_grpo.yaml", model_keys("qwen3-30b-a3b"), 16, 80.0,
                             "configs/qwen3_moe_grpo.yaml: 8 prompts x 8 samples, 512 + 1024 tokens, generation "
-                            "included"),
+                            "included, expert parallel over fsdp (mesh.experts=fsdp)"),
 }
 
 

@@ -28,7 +28,7 @@ from jaxalign.algorithms.step import opt_state_shardings
 from jaxalign.config import ConfigError, TrainConfig
 from jaxalign.data.pipeline import Batches
 from jaxalign.data.tokenize import Encoded
-from jaxalign.models import CausalLM, ScalarModel
+from jaxalign.models import CausalLM, ScalarModel, moe
 from jaxalign.models.hf import config_from_hf
 from jaxalign.trainer import (Run, batch_shardings, build_tokenizer, check_combination, frozen_dtype, objective_of,
                               online_fns, reference_in_state, stack_micro_batches, step_fns)
@@ -179,7 +179,9 @@ def plan(cfg: TrainConfig) -> Plan:
   batch = _shaped(host_batch, batch_shardings(host_batch, mesh, cfg.mesh.rules, leading))
   state_shardings = jax.tree.map(lambda x: x.sharding, run.state)
   start = time.perf_counter()
-  with sharding.use_mesh(mesh, cfg.mesh.rules):
+  # On the host's XLA:CPU a grouped matmul would compile densely over every expert: plan its buffers as a GPU /
+  # TPU kernel allocates them (`moe.projecting_memory`).
+  with sharding.use_mesh(mesh, cfg.mesh.rules), moe.projecting_memory():
     step = jax.jit(run.train_fn, out_shardings=(state_shardings, None), donate_argnums=0)
     compiled = step.lower(run.state, batch, run.frozen).compile()
   seconds = time.perf_counter() - start

@@ -59,6 +59,10 @@ class MeshConfig:
   # describes one (SLURM, Open MPI, Cloud TPU, JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES / JAX_PROCESS_ID)
   # or the keys below are set; "on" always, "off" never.
   distributed: str = "auto"
+  # Expert parallelism: the mesh axes a mixture of experts' stacked experts split over (the "experts" rule),
+  # e.g. "fsdp"; each device then holds E / n whole experts and tokens travel to them (`models.moe`). null: the
+  # rules table's entry (by default every device holds a slice of every expert).
+  experts: str | tuple[str, ...] | None = None
   coordinator_address: str | None = None  # host:port of process 0
   num_processes: int | None = None
   process_id: int | None = None  # this process's index (differs per process: pass it on the command line)
@@ -73,6 +77,10 @@ class MeshConfig:
       raise ValueError(f"mesh.num_processes={self.num_processes} must be >= 1")
     if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or self.process_id + 1):
       raise ValueError(f"mesh.process_id={self.process_id} must be in [0, mesh.num_processes)")
+    if self.experts is not None:
+      experts = self.experts if isinstance(self.experts, str) else tuple(self.experts)
+      others = tuple((name, axes) for name, axes in self.rules if name != "experts")
+      object.__setattr__(self, "rules", others + (("experts", experts),))
     known = {name for name, _ in self.rules}
     for _, axes in self.rules:
       for axis in _as_tuple(axes):

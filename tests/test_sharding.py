@@ -156,3 +156,12 @@ def test_two_processes_form_one_mesh(tmp_path):
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
     assert out.splitlines()[-1].split() == ["RESULT", "2", "4", "6.0"]
+
+
+def test_mesh_experts_key_maps_the_experts_axis_and_keeps_the_other_rules():
+  cfg = sharding.MeshConfig(experts="fsdp")
+  assert dict(cfg.rules)["experts"] == "fsdp"
+  assert {k: v for k, v in cfg.rules if k != "experts"} == {k: v for k, v in sharding.DEFAULT_RULES if k != "experts"}
+  assert dict(sharding.MeshConfig(experts=["data", "fsdp"]).rules)["experts"] == ("data", "fsdp")
+  with pytest.raises(ValueError, match="mesh axis 'expert'"):
+    sharding.MeshConfig(experts="expert")

@@ -23,6 +23,8 @@ Routing itself (top-k, replay of a sampler's choice, the router's statistics and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import jax
@@ -53,8 +55,26 @@ class ExpertKernel(nnx.Module):
 
 def grouped_matmul(x: jax.Array, kernel: jax.Array, group_sizes: jax.Array, dtype) -> jax.Array:
   """x [M, in] (rows sorted by expert) times each row's expert's kernel [E, in, out] -> [M, out] in `dtype`."""
-  return jax.lax.ragged_dot(x.astype(dtype), kernel.astype(dtype), group_sizes,
-                            preferred_element_type=jnp.float32).astype(dtype)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  if _PROJECTING.get():
+    return jnp.dot(x, jnp.mean(kernel, axis=0), preferred_element_type=jnp.float32).astype(dtype)
+  return jax.lax.ragged_dot(x, kernel, group_sizes, preferred_element_type=jnp.float32).astype(dtype)
+
+
+_PROJECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxalign_moe_projecting", default=False)
+
+
+@contextlib.contextmanager
+def projecting_memory():
+  """Inside: every grouped matmul is one dense [M, in] x [in, out] matmul on the mean of the expert kernels
+  (wrong numbers, the shapes and buffers of a grouped-matmul kernel), for the compiled memory analysis of
+  `--plan` on a backend that lowers `ragged_dot` densely: XLA:CPU computes every row against every expert
+  ([M, E, out] temp), where a GPU / TPU grouped-matmul kernel writes only [M, out]."""
+  token = _PROJECTING.set(True)
+  try:
+    yield
+  finally:
+    _PROJECTING.reset(token)
 
 
 class Experts(nnx.Module):

@@ -90,3 +90,31 @@ def test_plan_refuses_what_a_run_refuses(stage, overrides, message):
   cfg = stage(**overrides)
   with pytest.raises(plan.ConfigError, match=message):
     plan.abstract_run(cfg, cfg.model, None)
+
+
+def _moe_temp(stage, experts, monkeypatch, projecting):
+  import contextlib
+  import dataclasses
+
+  from jaxalign.models import moe, tiny
+  from tests.train.conftest import TINY_MODEL
+
+  model = dataclasses.asdict(tiny("qwen3_moe", **{**TINY_MODEL, "hidden_size": 64}, num_experts=experts,
+                                  moe_intermediate_size=256, head_dim=16))
+  cfg = stage(algorithm="sft", model=model, data__max_length=512, data__max_prompt_length=16, data__batch_size=2,
+              mesh__fsdp=1)
+  with monkeypatch.context() as patch:
+    if not projecting:
+      patch.setattr(moe, "projecting_memory", contextlib.nullcontext)
+    return plan.plan(cfg).temp
+
+
+def test_plan_projects_grouped_matmuls_as_a_kernel_allocates_them(stage, monkeypatch):
+  """XLA:CPU lowers ragged_dot densely over every expert, so its temp grows with E; --plan's projection keeps
+  the [rows, width] buffers a grouped-matmul kernel writes: 8x the experts (the same tokens, k and expert
+  width) barely changes the planned temp (the extra expert weights' gradients only)."""
+  raw = {e: _moe_temp(stage, e, monkeypatch, False) for e in (4, 32)}
+  planned = {e: _moe_temp(stage, e, monkeypatch, True) for e in (4, 32)}
+  assert raw[32] > 3 * raw[4], raw  # the dense lowering: [rows, E, width]
+  assert planned[32] < 1.5 * planned[4], planned
+  assert planned[4] < raw[4]
