@@ -166,16 +166,18 @@ class ModelConfig:
     return (self.rope,) if self.rope_local is None else (self.rope, self.rope_local)
 
   def layer_rope(self, layer: int) -> int:
-    """Which of `ropes()` layer `layer` uses: 1 (local) for a sliding-window layer when rope_local is set."""
-    return int(self.rope_local is not None and self.layer_window(layer) is not None)
+    """Which of `ropes()` layer `layer` uses: 1 (local) for a local layer (`local_layer`, its type: transformers'
+    Gemma 3 keeps the local RoPE on those when config.json sets no window) when rope_local is set."""
+    return int(self.rope_local is not None and self.local_layer(layer))
+
+  def local_layer(self, layer: int) -> bool:
+    """Whether `layer` is of the local (sliding-window) type: its `sliding_layers` entry, or without them
+    whether the model has a window."""
+    return self.sliding_window is not None if self.sliding_layers is None else self.sliding_layers[layer]
 
   def layer_window(self, layer: int) -> int | None:
     """The sliding-window span of `layer`, or None for full causal attention."""
-    if self.sliding_window is None:
-      return None
-    if self.sliding_layers is not None and not self.sliding_layers[layer]:
-      return None
-    return self.sliding_window
+    return self.sliding_window if self.local_layer(layer) else None
 
   def replace(self, **changes) -> ModelConfig:
     return dataclasses.replace(self, **changes)

@@ -92,7 +92,9 @@ def _sliding_from_hf(hf: dict, fam: Family, num_layers: int) -> tuple[int | None
     return (window, layers) if hf.get("use_sliding_window") and any(layers) else (None, None)
   types = hf.get("layer_types") or _layer_types_default(fam, num_layers, hf)
   layers = tuple(t == "sliding_attention" for t in types)
-  return (window, layers) if window is not None and any(layers) else (None, None)
+  # Without a window the layer types still choose Gemma 3's local RoPE (`ModelConfig.layer_rope`).
+  keep = any(layers) and (window is not None or fam.rope_per_layer_type)
+  return (window, layers) if keep else (None, None)
 
 
 def config_from_hf(hf: dict, where: str = "config.json", dtype: str = "float32") -> ModelConfig:
@@ -189,7 +191,7 @@ def config_to_hf(cfg: ModelConfig, scalar_head: bool = False) -> dict:
     hf.update({key: getattr(cfg, field) for key, field in fam.moe_keys.items()})
     if "moe_intermediate_size" in fam.moe_keys:  # Qwen: every layer a mixture of experts
       hf.update(moe_intermediate_size=cfg.expert_size, decoder_sparse_step=1, mlp_only_layers=[])
-  layer_types = ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.num_layers)]
+  layer_types = ["sliding_attention" if cfg.local_layer(i) else "full_attention" for i in range(cfg.num_layers)]
   if fam.sliding == "all":
     hf["sliding_window"] = cfg.sliding_window
   elif fam.sliding == "qwen":

@@ -99,3 +99,12 @@ def test_config_errors_name_the_key():
     ModelConfig(activation="relu")
   with pytest.raises(ValueError, match="param_dtype"):
     ModelConfig(param_dtype="float16")
+
+
+def test_gemma3_local_layers_keep_their_rope_without_a_window():
+  """The layer's type, not its window, picks Gemma 3's local RoPE (transformers' rotary choice is by type)."""
+  cfg = tiny("gemma3_text", vocab_size=50)
+  assert [cfg.layer_rope(i) for i in range(2)] == [1, 0]
+  no_window = cfg.replace(sliding_window=None)
+  assert [no_window.layer_window(i) for i in range(2)] == [None, None]
+  assert [no_window.layer_rope(i) for i in range(2)] == [1, 0]

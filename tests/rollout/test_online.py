@@ -219,3 +219,24 @@ def test_the_readme_algorithm_is_one_class_and_one_registry_line(tmp_path, monke
   rows = train_rows(tmp_path / "run")
   assert result["eval_after"] is not None and all(np.isfinite(r["train/loss"]) for r in rows.values())
   assert set(rows) == {1, 2} and "train/rollout/logprob_mismatch_max" in rows[2]
+
+
+def test_grpo_trains_a_tiny_mixture_of_experts(tmp_path):
+  """GRPO on a tiny Qwen3-MoE (4 experts, top-2, the balancing loss on) raises the held-out reward, reports the
+  router's statistics, and with two epochs per rollout (an old-policy pass) its replayed routing gives the
+  sampler's log-probs; the pass without replay is reported beside it. (Seeds 0-4 rose by 0.16-0.61; a dense
+  Qwen3 of this size by 0.36-0.63.)"""
+  import dataclasses
+
+  from jaxalign.models import tiny
+
+  model = dataclasses.asdict(tiny("qwen3_moe", **TINY, head_dim=8))
+  result = train(rl_stage(tmp_path, "grpo", model=model, steps=40, optim__lr=1e-2, rl__group_size=8, rl__epochs=2,
+                          loss__router_aux_coef=0.01))
+  before, after = result["eval_before"]["reward"], result["eval_after"]["reward"]
+  assert after > before + 0.1, (before, after)
+  rows = train_rows(tmp_path / "run").values()
+  assert all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/router/balance_loss"]) for r in rows)
+  assert all(r["train/router/max_load"] >= 1.0 for r in rows)  # the busiest expert: at least its even share
+  assert max(r["train/rollout/logprob_mismatch_max"] for r in rows) < 1e-5  # routing replay: "all", the default
+  assert all(np.isfinite(r["train/rollout/logprob_mismatch_max_no_replay"]) for r in rows)
