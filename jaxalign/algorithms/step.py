@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from jaxalign.algorithms import lora as lora_lib
-from jaxalign.algorithms.objectives import Objective, combine_metrics, eval_metrics, is_share
+from jaxalign.algorithms.objectives import Objective, combine_metrics, eval_metrics
 from jaxalign.config import OptimConfig
 from jaxalign.models import routing
 
@@ -145,11 +145,10 @@ def with_router_losses(loss, metrics: dict, collected: list, coefs: tuple[float,
   """(loss + share x (aux x balance + z x z-loss), metrics + the router's) over the router statistics a
   trained mixture of experts reported (`routing.collecting`); the loss as it is for a dense model. The router
   losses are per micro-batch, as in transformers and Megatron-LM (their balance term is a product of two means
-  over tokens, not a sum over them): `share` makes the step's loss and its `router/*_loss` metrics their mean
-  over the micro-batches."""
+  over tokens, not a sum over them): `share` (1 / micro-batches) makes the step's loss their mean over the
+  micro-batches, as `combine_metrics` averages the router metrics (none of them is a share)."""
   aux, router_metrics = routing.aux_losses(collected, *coefs)
-  shares = {k: v * share if is_share(k) else v for k, v in router_metrics.items()}
-  return loss + share * aux, {**metrics, **shares}
+  return loss + share * aux, {**metrics, **router_metrics}
 
 
 def make_train_step(fns: StepFns):

@@ -132,5 +132,5 @@ def aux_losses(collected: list, aux_coef: float, z_coef: float) -> tuple[jax.Arr
     return jnp.zeros((), jnp.float32), {}
   stats = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *collected)  # [passes * L, ...]
   balance, z = balance_loss(stats), z_loss(stats)
-  return aux_coef * balance + z_coef * z, {"router/balance_loss": balance, "router/z_loss": z,
+  return aux_coef * balance + z_coef * z, {"router/balance": balance, "router/z": z,
                                            **load_metrics(stats)}

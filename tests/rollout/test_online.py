@@ -236,7 +236,7 @@ def test_grpo_trains_a_tiny_mixture_of_experts(tmp_path):
   before, after = result["eval_before"]["reward"], result["eval_after"]["reward"]
   assert after > before + 0.1, (before, after)
   rows = train_rows(tmp_path / "run").values()
-  assert all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/router/balance_loss"]) for r in rows)
+  assert all(np.isfinite(r["train/loss"]) and np.isfinite(r["train/router/balance"]) for r in rows)
   assert all(r["train/router/max_load"] >= 1.0 for r in rows)  # the busiest expert: at least its even share
   assert max(r["train/rollout/logprob_mismatch_max"] for r in rows) < 1e-5  # routing replay: "all", the default
   assert all(np.isfinite(r["train/rollout/logprob_mismatch_max_no_replay"]) for r in rows)

@@ -358,7 +358,7 @@ def test_dpo_trains_a_tiny_model_of_the_newer_families(stage, family):
   before, after, moved = run_steps(stage(algorithm="preference", loss__name="dpo", data__format="preference",
                                          optim__lr=1e-2, model=model, loss__router_aux_coef=0.01))
   assert_trains(before, after, moved)
-  assert ("router/balance_loss" in after) == (family == "qwen2_moe")
+  assert ("router/balance" in after) == (family == "qwen2_moe")
 
 
 def _moe_stage(stage, **changes):
@@ -384,10 +384,10 @@ def test_router_losses_join_the_objective(stage):
     steps[coefs] = jax.device_get(jax.jit(make_train_step(run.fns))(
       run.state, put_batch(micro, run.mesh, cfg.mesh.rules, 1), run.frozen)[1])
   plain, with_aux = steps[(0.0, 0.0)], steps[(0.5, 0.1)]
-  assert 1.5 < plain["router/balance_loss"] < 3.0 and plain["router/z_loss"] > 0  # k = 2 when balanced
+  assert 1.5 < plain["router/balance"] < 3.0 and plain["router/z"] > 0  # k = 2 when balanced
   assert plain["router/max_load"] >= 1.0 >= plain["router/min_load"]
   np.testing.assert_allclose(with_aux["loss"] - plain["loss"],
-                             0.5 * plain["router/balance_loss"] + 0.1 * plain["router/z_loss"], rtol=1e-4)
+                             0.5 * plain["router/balance"] + 0.1 * plain["router/z"], rtol=1e-4)
   assert with_aux["grad_norm"] != plain["grad_norm"]
 
 
@@ -397,7 +397,7 @@ def test_the_balancing_loss_evens_the_experts_load(stage):
   for aux in (0.0, 5.0):
     before, after[aux], _ = run_steps(_moe_stage(stage, algorithm="sft", loss__name="sft", optim__lr=3e-2,
                                                  loss__router_aux_coef=aux), steps=4)
-  assert after[5.0]["router/balance_loss"] < min(after[0.0]["router/balance_loss"], before["router/balance_loss"])
+  assert after[5.0]["router/balance"] < min(after[0.0]["router/balance"], before["router/balance"])
 
 
 def test_a_dense_model_reports_no_router_statistics(stage):
