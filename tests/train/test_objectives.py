@@ -373,7 +373,8 @@ def _moe_stage(stage, **changes):
 def test_router_losses_join_the_objective(stage):
   """A mixture of experts adds aux x balance + z x z-loss to the objective's loss (whichever: the step adds them
   to `Objective.loss`), as the mean over the step's micro-batches, and reports the router's statistics; the same
-  step without coefficients differs by exactly that. (DPO on a mixture of experts:
+  step without coefficients differs by exactly that. (The losses' values against transformers and their
+  gradients against float64 finite differences: tests/models/test_routing.py; DPO on a mixture of experts:
   test_dpo_trains_a_tiny_model_of_the_newer_families.)"""
   steps = {}
   for coefs in ((0.0, 0.0), (0.5, 0.1)):
@@ -389,15 +390,6 @@ def test_router_losses_join_the_objective(stage):
   np.testing.assert_allclose(with_aux["loss"] - plain["loss"],
                              0.5 * plain["router/balance"] + 0.1 * plain["router/z"], rtol=1e-4)
   assert with_aux["grad_norm"] != plain["grad_norm"]
-
-
-def test_the_balancing_loss_evens_the_experts_load(stage):
-  """Trained with a large balancing coefficient, the router spreads held-out tokens more evenly than without."""
-  after = {}
-  for aux in (0.0, 5.0):
-    before, after[aux], _ = run_steps(_moe_stage(stage, algorithm="sft", loss__name="sft", optim__lr=3e-2,
-                                                 loss__router_aux_coef=aux), steps=4)
-  assert after[5.0]["router/balance"] < min(after[0.0]["router/balance"], before["router/balance"])
 
 
 def test_a_dense_model_reports_no_router_statistics(stage):

@@ -113,8 +113,7 @@ def test_plan_projects_grouped_matmuls_as_a_kernel_allocates_them(stage, monkeyp
   """XLA:CPU lowers ragged_dot densely over every expert, so its temp grows with E; --plan's projection keeps
   the [rows, width] buffers a grouped-matmul kernel writes: 8x the experts (the same tokens, k and expert
   width) barely changes the planned temp (the extra expert weights' gradients only)."""
-  raw = {e: _moe_temp(stage, e, monkeypatch, False) for e in (4, 32)}
   planned = {e: _moe_temp(stage, e, monkeypatch, True) for e in (4, 32)}
-  assert raw[32] > 3 * raw[4], raw  # the dense lowering: [rows, E, width]
+  raw = _moe_temp(stage, 32, monkeypatch, False)
   assert planned[32] < 1.5 * planned[4], planned
-  assert planned[4] < raw[4]
+  assert raw > 3 * planned[32], (raw, planned)  # the dense lowering: [rows, E, width]
