@@ -103,6 +103,20 @@ def from_dict(cls, data: dict, prefix: str = ""):
     raise ConfigError(f"config section '{prefix or cls.__name__}': {e}") from None
 
 
+def key_lines(cls, prefix: str = "") -> list[str]:
+  """`  key.path = default` for every key of dataclass `cls` (for --help)."""
+  lines = []
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    tp = hints[f.name]
+    if dataclasses.is_dataclass(tp):
+      lines += key_lines(tp, f"{prefix}{f.name}.")
+    else:
+      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+      lines.append(f"  {prefix}{f.name} = {default!r}")
+  return lines
+
+
 def to_dict(config) -> dict:
   """Plain nested dict (tuples become lists), suitable for YAML / JSON."""
 
@@ -258,6 +272,11 @@ class RLConfig:
   kl_loss_estimator: str = "k3"
   entropy_coef: float = 0.0  # entropy bonus: the loss minus this times the token-mean entropy
   rewards: dict = dataclasses.field(default_factory=lambda: {"max_digit": 1.0})  # rule reward -> weight
+  # Verifier rewards (math_verify, ifeval_strict, ifeval_loose, answer_format: `jaxalign.verifiers`) run in this
+  # many worker processes, each call limited to verifier_timeout_s seconds of wall-clock time: a call that runs
+  # longer or crashes scores 0 and its worker is replaced (reward/verifier_timeouts, reward/verifier_errors).
+  verifier_workers: int = 4
+  verifier_timeout_s: float = 10.0
   oversample: int = 1  # DAPO dynamic sampling: generate this many times the groups, keep those with signal
   # DAPO overlong reward shaping: completions longer than max_new_tokens - overlong_buffer lose up to 1 (0: off).
   overlong_buffer: int = 0
@@ -316,6 +335,9 @@ class RLConfig:
       raise ValueError(f"rl.routing_replay={self.routing_replay!r}; choose one of all, scoring, none")
     if self.kl_loss_estimator not in ("k1", "k2", "k3"):
       raise ValueError(f"rl.kl_loss_estimator={self.kl_loss_estimator!r}; choose one of k1, k2, k3")
+    if self.verifier_workers < 1 or not self.verifier_timeout_s > 0:
+      raise ValueError(f"rl.verifier_workers={self.verifier_workers} must be >= 1 and rl.verifier_timeout_s="
+                       f"{self.verifier_timeout_s} > 0")
 
   @property
   def truncates(self) -> bool:

@@ -16,7 +16,7 @@ from jaxalign.config import ConfigError, TrainConfig, to_dict
 
 # May differ between the run that wrote a checkpoint and the one resuming it (dotted keys or whole sections).
 EXECUTION_KEYS = ("name", "run_dir", "log", "checkpoint", "mesh", "eval_every", "eval_batches", "logprob_impl",
-                  "model.remat", "model.attention_impl", "model.dtype")
+                  "model.remat", "model.attention_impl", "model.dtype", "rl.verifier_workers")
 # Change the shapes or dtypes of the saved state: never allowed.
 LAYOUT_KEYS = ("algorithm", "model", "optim.mu_dtype", "lora.rank", "lora.targets")
 # What a run directory holds besides the lock; `checkpoint.overwrite` removes these.

@@ -14,29 +14,15 @@ import importlib.resources
 import logging
 import pathlib
 import sys
-import typing
 
 from jaxalign import losses
 from jaxalign.algorithms.online import ALGORITHMS as ONLINE_ALGORITHMS
-from jaxalign.config import ConfigError, TrainConfig, apply_override, load_stages, load_yaml
+from jaxalign.config import ConfigError, TrainConfig, apply_override, key_lines, load_stages, load_yaml
 from jaxalign.data.readers import DataError
 
 DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "default.yaml"
 RL_DEFAULT_RECIPE = importlib.resources.files("jaxalign") / "recipes" / "rl_default.yaml"
 HEADLINE = ("reward", "loss", "nll_per_token", "policy_prefers_chosen", "rewards/accuracies", "accuracy", "rewards/margins")
-
-
-def _keys(cls, prefix="") -> list[str]:
-  lines = []
-  hints = typing.get_type_hints(cls)
-  for f in dataclasses.fields(cls):
-    tp = hints[f.name]
-    if dataclasses.is_dataclass(tp):
-      lines += _keys(tp, f"{prefix}{f.name}.")
-    else:
-      default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-      lines.append(f"  {prefix}{f.name} = {default!r}")
-  return lines
 
 
 STAGES_HELP = """\
@@ -61,7 +47,7 @@ def help_text() -> str:
     "losses (loss.name [input; reference]: loss.params with defaults; or a weighted sum of losses of one input, "
     "sharing loss.params, e.g. loss.name='0.8*dpo + 0.2*bco + chosen_nll'):", *losses.help_lines(), "",
     "config keys (with defaults):",
-    *_keys(TrainConfig)])
+    *key_lines(TrainConfig)])
 
 
 def parse_stages(config: str | None, overrides: list[str]) -> list[TrainConfig]:

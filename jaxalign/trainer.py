@@ -30,8 +30,9 @@ from jaxalign.data.pipeline import Batches, build_datasets
 from jaxalign.data.tokenize import check_same_tokenizer, check_vocab
 from jaxalign.logging import MetricsLogger
 from jaxalign.models import CausalLM, ScalarModel, load_hf, load_tokenizer, save_hf
-from jaxalign.rollout.rewards import RuleRewards
+from jaxalign.rollout.rewards import RuleRewards, uses_verifiers
 from jaxalign.run_lock import RunLock
+from jaxalign.verifiers import VerifierPool, registry
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,9 @@ class Run:
   # Unjitted step(state, batch, frozen) and eval(state, batch, frozen); offline by default.
   train_fn: object = None
   eval_fn: object = None
+  # Online runs with verifier rewards: the worker processes the train and eval rewards share (`verifier_pool`;
+  # workers start at the first reward call, the training loop closes it).
+  verifier_pool: VerifierPool | None = None
 
   @property
   def online(self) -> bool:
@@ -340,9 +344,18 @@ def reference_in_state(run: Run, copy=frozen_copy) -> None:
   run.state = run.state._replace(loss_state={**run.state.loss_state, "reference": reference})
 
 
+def verifier_pool(run: Run) -> VerifierPool | None:
+  """The run's one `VerifierPool` (rl.verifier_workers x rl.verifier_timeout_s), made at the first call, when
+  rl.rewards names a verifier reward; None otherwise."""
+  rl = run.cfg.rl
+  if run.verifier_pool is None and uses_verifiers(rl.rewards):
+    run.verifier_pool = VerifierPool(rl.verifier_workers, rl.verifier_timeout_s, preload=registry.PRELOAD)
+  return run.verifier_pool
+
+
 def online_fns(run: Run, examples, critic_graphdef, reward_graphdef) -> online.OnlineFns:
   """The online step's static pieces; rule rewards look up the gold answers of `examples`."""
-  reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards)
+  reward = RuleRewards(run.tokenizer, {e.uid: e.answer for e in examples}, run.cfg.rl.rewards, verifier_pool(run))
   reference = run.state.loss_state.get("reference")
   shardings = None if reference is None else jax.tree.map(lambda x: x.sharding, reference)
   return online.OnlineFns(run.fns, online.ALGORITHMS[run.cfg.algorithm], run.cfg.rl,
@@ -520,6 +533,8 @@ def _train_loop(run: Run, ckpt: Checkpointer, primary: bool) -> dict:
   finally:
     signal.signal(signal.SIGTERM, previous)
     logger.close()
+    if run.verifier_pool is not None:
+      run.verifier_pool.close()
   return result
 
 

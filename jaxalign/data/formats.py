@@ -11,7 +11,8 @@ chat template). Accepted record layouts:
 - unpaired:   {prompt, completion, label: bool} (KTO)
 - ranked:     {prompt, responses: [...], scores: [...]} (higher score = better)
 - prompt:     {prompt} or {question} (+ optional answer, for rule-based rewards), or HH-RLHF pairs (their
-              shared dialogue history up to the last "Assistant:")
+              shared dialogue history up to the last "Assistant:"), or IFEval {prompt, instruction_id_list,
+              kwargs} (the instructions, as `verifiers.ifeval.encode`'s JSON, are the answer the ifeval rewards read)
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Example:
   # ranked: per-response score; unpaired: (1.0,) desirable / (0.0,) not; preference: (chosen, rejected) scores
   scores: tuple[float, ...] = ()
   margin: float | None = None  # preference: the reward model's margin for this pair
-  answer: str | None = None  # prompt format: gold answer for rule rewards
+  answer: str | None = None  # prompt format: gold answer for rule rewards (IFEval: the prompt's instructions)
 
 
 def split_hh_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -133,7 +134,19 @@ def parse_prompt(record: dict, where: str) -> Example:
     return Example(parse_preference(record, where).prompt)  # HH-RLHF pairs: their shared history
   key = "prompt" if "prompt" in record else "question"
   prompt = _prompt(_field(record, key, where), where)
+  if "instruction_id_list" in record:
+    return Example(prompt, answer=_ifeval_answer(record, where))
   return Example(prompt, answer=record.get("answer"))
+
+
+def _ifeval_answer(record: dict, where: str) -> str:
+  """An IFEval prompt's instructions (ids and kwargs) as one string, checked against the known instruction types."""
+  from jaxalign.verifiers import ifeval  # here, not at the top: the verifiers import Math-Verify (sympy)
+
+  try:
+    return ifeval.encode(record["instruction_id_list"], _field(record, "kwargs", where))
+  except ValueError as error:
+    raise DataError(f"{where}: IFEval record: {error}") from None
 
 
 PARSERS = {"sft": parse_sft, "preference": parse_preference, "unpaired": parse_unpaired,

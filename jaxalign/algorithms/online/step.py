@@ -39,7 +39,7 @@ class OnlineFns:
   algorithm: Algorithm
   rl: RLConfig
   sampling: SamplingConfig
-  reward: object  # RuleRewards: (uid, tokens, mask) -> (scores [R], host seconds)
+  reward: object  # RuleRewards: (uid, tokens, mask) -> (scores [R], {"reward/host_seconds", verifier metrics})
   uses_reference: bool
   critic: object = None  # graphdef of the value model (trainable = {"policy", "value"})
   reward_model: object = None  # graphdef of the reward model (weights in frozen["reward_model"])
@@ -73,11 +73,12 @@ class OnlineFns:
     return self.fns.reference(frozen_params)
 
   def scores(self, frozen_params, uid, rollout, rows):
-    """Rule rewards (host callback) plus the reward model read at each row's last real token."""
-    scores, seconds = self.reward(uid, rollout.tokens, rollout.mask)
+    """Rule rewards (host callback) plus the reward model read at each row's last real token; and the callback's
+    metrics (host seconds; with verifier rewards the pool's seconds, timeouts and errors)."""
+    scores, metrics = self.reward(uid, rollout.tokens, rollout.mask)
     if self.reward_model is not None:
       scores = scores + self.rl.reward_model_weight * self.model_scores(frozen_params, rows)
-    return scores, seconds
+    return scores, metrics
 
   def model_scores(self, frozen_params, rows) -> jax.Array:
     """The reward model's score [R] of rows [R, T] (left or right padded), read at each row's last real token."""
@@ -321,7 +322,8 @@ def make_rl_step(ctx: OnlineFns):
     group_ids = jnp.repeat(jnp.arange(groups), rl.group_size)
     metrics = {}
     if ctx.algorithm.scores_rollout:
-      scores, metrics["reward/host_seconds"] = ctx.scores(frozen_params, uid, rollout, rollout_rows(rollout))
+      scores, reward_metrics = ctx.scores(frozen_params, uid, rollout, rollout_rows(rollout))
+      metrics.update(reward_metrics)
     else:  # the samples train without rewards (SPIN, PMLE, distillation: `online.offline_data`)
       scores = jnp.zeros(uid.shape, jnp.float32)
     if rl.oversample > 1:  # on the task rewards: groups that differ only in length carry no signal
