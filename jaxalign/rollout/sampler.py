@@ -279,7 +279,7 @@ def _rows_routing(cache: dict) -> jax.Array | None:
 _generate_jit = nnx.jit(generate, static_argnames=("cfg", "group_size"))
 
 
-def _bucket(length: int) -> int:
+def bucket_length(length: int) -> int:
   """Padded prompt length: the next power of two >= 16, so few shapes get compiled."""
   return max(16, 2 ** math.ceil(math.log2(max(length, 1))))
 
@@ -304,7 +304,7 @@ def generate_text(model, tokenizer, prompts: list, *, key: jax.Array | None = No
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
     rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # fill the last batch: one compiled shape
-    ids, mask = left_pad(rows, cfg.pad_token_id, _bucket(max(len(r) for r in encoded)))
+    ids, mask = left_pad(rows, cfg.pad_token_id, bucket_length(max(len(r) for r in encoded)))
     rollout = jax.device_get(_generate_jit(model, ids, mask, jax.random.fold_in(key, start), cfg))
     for row in range(len(chunk)):
       completion = rollout.tokens[row][rollout.mask[row] == 1]
