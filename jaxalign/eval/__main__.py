@@ -39,7 +39,8 @@ def evaluate(cfg: EvalConfig) -> dict:
   with sharding.use_mesh(mesh, cfg.mesh.rules), VerifierPool(cfg.verifier_workers, cfg.verifier_timeout_s,
                                                               preload=registry.PRELOAD) as pool:
     load = lambda path: models.load(path, mesh) if path else None  # noqa: E731
-    ctx = tasks.Context(cfg, load(cfg.policy), pool, load(cfg.baseline), load(cfg.reward_model))
+    ctx = tasks.Context(cfg, load(cfg.policy), pool, load(cfg.baseline), load(cfg.reward_model),
+                        load(cfg.judge_model))
     results = {task: tasks.TASK_FNS[task](ctx) for task in cfg.tasks}
   report.write(results, cfg, pathlib.Path(cfg.output_dir))
   return results

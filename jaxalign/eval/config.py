@@ -6,7 +6,7 @@ import dataclasses
 
 from jaxalign.sharding import MeshConfig
 
-TASKS = ("win_rate", "math", "ifeval", "rule")
+TASKS = ("win_rate", "judge", "grade", "math", "ifeval", "rule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,13 +50,21 @@ class EvalConfig:
   - math: greedy accuracy with Math-Verify against each prompt's answer (GSM8K's `#### n` or a boxed answer), and
     maj@k / pass@k with generation.samples = k;
   - ifeval: IFEval prompt-level and instruction-level accuracy, strict and loose;
+  - judge: pairwise LLM-as-judge (`judge_model`, any local causal LM) of the policy against `baseline`, both
+    orders, position bias measured and cancelled (a verdict counts when both orders agree), ties half;
+  - grade: single-answer 1-5 grading by `judge_model`, reference-guided (each prompt's answer shown as the
+    reference) with grade_with_reference;
   - rule: exact match, token F1 and ROUGE-L of the greedy completion against each prompt's answer."""
 
   policy: str = ""
   baseline: str | None = None
   reward_model: str | None = None
+  judge_model: str | None = None
+  grade_with_reference: bool = False
   tasks: tuple[str, ...] = ("math",)
   win_rate: TaskData = TaskData()
+  judge: TaskData = TaskData()
+  grade: TaskData = TaskData()
   math: TaskData = TaskData()
   ifeval: TaskData = TaskData()
   rule: TaskData = TaskData()
@@ -77,6 +85,10 @@ class EvalConfig:
       raise ValueError("policy: give an HF model directory or a training run directory")
     if "win_rate" in self.tasks and not (self.baseline and self.reward_model):
       raise ValueError("tasks: win_rate needs baseline (a policy to compare with) and reward_model")
+    if "judge" in self.tasks and not (self.baseline and self.judge_model):
+      raise ValueError("tasks: judge needs baseline (a policy to compare with) and judge_model")
+    if "grade" in self.tasks and not self.judge_model:
+      raise ValueError("tasks: grade needs judge_model (a local causal LM directory)")
     for task in self.tasks:
       if not getattr(self, task).data:
         raise ValueError(f"{task}.data: name the task's data sources (e.g. {task}.data=[path.jsonl])")

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxalign.data.formats import Example, parse_records
 from jaxalign.data.readers import read_records
+from jaxalign.eval import judge as judging
 from jaxalign.eval import metrics as stats
 from jaxalign.eval import policy as models
 from jaxalign.eval.config import EvalConfig, TaskData
@@ -33,6 +34,7 @@ class Context:
   pool: VerifierPool
   baseline: models.Loaded | None = None
   reward_model: models.Loaded | None = None
+  judge: models.Loaded | None = None
 
   def interval(self, values) -> stats.Interval:
     return stats.bootstrap_ci(np.asarray(values, np.float64), confidence=self.cfg.confidence,
@@ -75,6 +77,37 @@ def win_rate(ctx: Context) -> Result:
   records = [{"prompt": p, "policy": a, "baseline": b, "reward_policy": float(x), "reward_baseline": float(y)}
              for p, a, b, x, y in zip(prompts, ours, theirs, s_ours, s_theirs)]
   return Result(metrics, records)
+
+
+def judged(ctx: Context) -> Result:
+  """Pairwise LLM-as-judge of the policy against the baseline in both orders (`eval.judge`): the win rate of the
+  debiased verdicts (a win only when both orders agree; ties half), the raw win rate with the policy shown first,
+  and the judge's position bias (its consistency across orders, the first position's share of wins)."""
+  prompts = [e.prompt for e in examples(ctx.cfg.judge)]
+  ours, theirs = ctx.greedy(ctx.policy, prompts, "policy"), ctx.greedy(ctx.baseline, prompts, "baseline")
+  questions = [judging.question_text(p) for p in prompts]
+  a_first, b_first = judging.pairwise(ctx.judge, questions, ours, theirs, batch_size=ctx.cfg.generation.batch_size)
+  bias = stats.position_bias(a_first, b_first)
+  kw = dict(confidence=ctx.cfg.confidence, resamples=ctx.cfg.bootstrap_resamples, seed=ctx.cfg.seed)
+  metrics = {"win_rate": stats.win_rate_from_outcomes(bias.outcomes, **kw),
+             "win_rate/policy_first": stats.win_rate_from_outcomes(a_first, **kw),
+             "consistency": bias.consistency, "first_position_win_rate": bias.first_position_win_rate}
+  records = [{"prompt": p, "policy": a, "baseline": b, "verdict_policy_first": float(x),
+              "verdict_baseline_first": float(y)} for p, a, b, x, y in zip(prompts, ours, theirs, a_first, b_first)]
+  return Result(metrics, records)
+
+
+def graded(ctx: Context) -> Result:
+  """Single-answer grading of the policy's greedy completions: the judge's expected 1-5 rating, reference-guided
+  (each example's answer as the reference) with grade_with_reference."""
+  data = examples(ctx.cfg.grade)
+  prompts = [e.prompt for e in data]
+  completions = ctx.greedy(ctx.policy, prompts, "policy")
+  references = [e.answer or "" for e in data] if ctx.cfg.grade_with_reference else None
+  scores = judging.ratings(ctx.judge, [judging.question_text(p) for p in prompts], completions, references,
+                           batch_size=ctx.cfg.generation.batch_size)
+  records = [{"prompt": p, "completion": c, "rating": float(r)} for p, c, r in zip(prompts, completions, scores)]
+  return Result({"rating": ctx.interval(scores)}, records)
 
 
 def math_accuracy(ctx: Context) -> Result:
@@ -134,4 +167,5 @@ def rule_scores(ctx: Context) -> Result:
   return Result({k: ctx.interval(v) for k, v in scores.items()}, records)
 
 
-TASK_FNS = {"win_rate": win_rate, "math": math_accuracy, "ifeval": ifeval_accuracy, "rule": rule_scores}
+TASK_FNS = {"win_rate": win_rate, "judge": judged, "grade": graded, "math": math_accuracy, "ifeval": ifeval_accuracy,
+            "rule": rule_scores}
