@@ -400,6 +400,9 @@ class LogConfig:
   every: int = 10  # steps between metric rows
   progress: bool = True  # console progress bar
   tensorboard: bool = True  # TensorBoard events in run_dir/tensorboard
+  # Weights & Biases project to log to as well (the `wandb` extra; null: off). The run's W&B id is kept in
+  # run_dir/wandb_id, so a resumed run continues the same W&B run; WANDB_MODE=offline logs without a network.
+  wandb: str | None = None
 
   def __post_init__(self):
     if self.every < 1:

@@ -1,4 +1,5 @@
-"""Training metrics to the console (progress bar with ETA), a JSONL file and TensorBoard events."""
+"""Training metrics to the console (progress bar with ETA), a JSONL file, TensorBoard events and (optionally)
+Weights & Biases."""
 
 from __future__ import annotations
 
@@ -64,6 +65,18 @@ def _drop_replayed_rows(path: pathlib.Path, start_step: int) -> None:
   os.replace(temporary, path)
 
 
+def _wandb_run(run_dir: pathlib.Path, project: str, name: str, config: dict | None):
+  """A W&B run for run_dir: the one whose id run_dir/wandb_id keeps (resumed), else a new one (its id kept)."""
+  try:
+    import wandb
+  except ImportError:
+    raise ImportError("log.wandb needs Weights & Biases: pip install 'jaxalign[wandb]'") from None
+  id_file = run_dir / "wandb_id"
+  run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+  id_file.write_text(run_id)
+  return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), config=config)
+
+
 class MetricsLogger:
   """One writer for every sink; `log(step, metrics, prefix)` writes a row to each.
 
@@ -73,11 +86,13 @@ class MetricsLogger:
   """
 
   def __init__(self, run_dir: str | pathlib.Path, total_steps: int, *, start_step: int = 0, progress: bool = True,
-               tensorboard: bool = True, description: str = "train", write: bool = True):
+               tensorboard: bool = True, description: str = "train", write: bool = True,
+               wandb_project: str | None = None, config: dict | None = None):
     self.run_dir = pathlib.Path(run_dir)
     self.write = write
     self.jsonl = None
     self.writer = None
+    self.wandb = None
     if write:
       self.run_dir.mkdir(parents=True, exist_ok=True)
       # A run starting at step 0 redoes everything an earlier attempt (one that crashed before its first
@@ -89,6 +104,8 @@ class MetricsLogger:
         # TensorBoard discards earlier events of steps >= purge_step when it reads this run's new event file.
         purge_step = start_step + 1 if start_step > 0 else 0 if (self.run_dir / "tensorboard").exists() else None
         self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+      if wandb_project:
+        self.wandb = _wandb_run(self.run_dir, wandb_project, description, config)
     self.bar = tqdm(total=total_steps, initial=start_step, desc=description, disable=not (progress and write),
                     dynamic_ncols=True, mininterval=1.0)
     self.start = time.time()
@@ -105,6 +122,8 @@ class MetricsLogger:
       for key, value in values.items():
         if math.isfinite(value):
           self.writer.add_scalar(f"{prefix}/{key}", value, step)
+    if self.wandb is not None:
+      self.wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
     if prefix == "train":
       self.bar.set_postfix({k: f"{values[k]:.4g}" for k in SHOWN if k in values}, refresh=False)
     else:
@@ -121,3 +140,5 @@ class MetricsLogger:
       self.jsonl.close()
     if self.writer is not None:
       self.writer.close()
+    if self.wandb is not None:
+      self.wandb.finish()

@@ -486,7 +486,8 @@ def _train_loop(run: Run, ckpt: Checkpointer, primary: bool) -> dict:
   if start >= cfg.steps:
     log.info("%s: %s already finished (step %d of %d); nothing to train", cfg.name, cfg.run_dir, start, cfg.steps)
   logger = MetricsLogger(cfg.run_dir, cfg.steps, start_step=start, progress=cfg.log.progress,
-                         tensorboard=cfg.log.tensorboard, description=cfg.name, write=primary)
+                         tensorboard=cfg.log.tensorboard, description=cfg.name, write=primary,
+                         wandb_project=cfg.log.wandb, config=to_dict(cfg))
   schedule = make_schedule(cfg.optim, cfg.steps)
   result = {"eval_before": evaluate(run, eval_fn) if start == 0 else None}
   if result["eval_before"]:

@@ -8,7 +8,9 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
+import numpy as np
 from tensorboardX.proto import event_pb2
 
 from jaxalign.logging import MetricsLogger
@@ -116,3 +118,32 @@ def test_command_line_help_prints_nothing_to_stderr_without_torch():
   assert done.stderr == ""
   probe = "import sys; sys.modules['torch'] = None; import transformers; print(transformers.is_torch_available())"
   assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300).stdout == "False\n"
+
+
+class _FakeWandb:
+  """Records what the logger hands Weights & Biases (the service itself is not reachable from tests)."""
+
+  def __init__(self):
+    self.inits, self.rows, self.finished = [], [], 0
+    self.util = types.SimpleNamespace(generate_id=lambda: f"run{len(self.inits)}")
+
+  def init(self, **kwargs):
+    self.inits.append(kwargs)
+    return types.SimpleNamespace(log=lambda row, step: self.rows.append((step, row)),
+                                 finish=lambda: setattr(self, "finished", self.finished + 1))
+
+
+def test_wandb_gets_every_row_and_a_resume_continues_the_same_run(tmp_path, monkeypatch):
+  fake = _FakeWandb()
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  logger = MetricsLogger(tmp_path, 4, progress=False, tensorboard=False, wandb_project="proj", config={"seed": 3})
+  logger.log(1, {"loss": 2.0, "vector": np.zeros(3)})
+  logger.log(1, {"reward": 0.5}, "eval")
+  logger.close()
+  assert fake.rows == [(1, {"train/loss": 2.0}), (1, {"eval/reward": 0.5})] and fake.finished == 1
+  assert fake.inits[0]["project"] == "proj" and fake.inits[0]["config"] == {"seed": 3}
+  resumed = MetricsLogger(tmp_path, 4, start_step=2, progress=False, tensorboard=False, wandb_project="proj")
+  resumed.close()
+  assert fake.inits[1]["id"] == fake.inits[0]["id"] and fake.inits[1]["resume"] == "allow"
+  assert not (tmp_path / "other").exists() and MetricsLogger(tmp_path / "other", 1, progress=False,
+                                                              tensorboard=False).wandb is None
