@@ -434,6 +434,11 @@ class TrainConfig:
   steps: int = 100
   eval_every: int = 0  # 0: evaluate only before and after training
   eval_batches: int = 8
+  # A rule reward (sort_exact, max_digit, gsm8k_exact, ...) of the policy's greedy completions of the first
+  # eval_reward_prompts held-out prompts, at every eval: `behaviour/<reward>` (what the policy does, beside its
+  # losses). The held-out data must carry answers (data.eval, or a synthetic task).
+  eval_reward: str | None = None
+  eval_reward_prompts: int = 64
   seed: int = 0
   run_dir: str = "runs/default"
   checkpoint: CheckpointConfig = CheckpointConfig()

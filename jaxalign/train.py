@@ -118,7 +118,7 @@ def summary(stages: list[TrainConfig], results: list[dict]) -> str:
   lines = ["", "| stage | held-out metric | before | after |", "|---|---|---|---|"]
   for cfg, result in zip(stages, results):
     before, after = result["eval_before"] or {}, result["eval_after"] or {}
-    for key in HEADLINE:
+    for key in sorted(k for k in after if k.startswith("behaviour/")) + list(HEADLINE):
       if key in after:
         start = f"{before[key]:.4f}" if key in before else "-"
         lines.append(f"| {cfg.name} | {key} | {start} | {after[key]:.4f} |")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign import losses, resume, sharding
+from jaxalign import behaviour, losses, resume, sharding
 from jaxalign.algorithms import lora as lora_lib
 from jaxalign.algorithms import online
 from jaxalign.algorithms.forward import example_logps
@@ -178,6 +178,8 @@ class Run:
   # Online runs with verifier rewards: the worker processes the train and eval rewards share (`verifier_pool`;
   # workers start at the first reward call, the training loop closes it).
   verifier_pool: VerifierPool | None = None
+  # eval_reward: the held-out prompts whose greedy completions every eval scores (`behaviour`).
+  behaviour: object = None
 
   @property
   def online(self) -> bool:
@@ -397,6 +399,8 @@ def build_run(cfg: TrainConfig) -> Run:
   fns = step_fns(cfg, graphdef, objective, tx)
   run = Run(cfg, mesh, tokenizer, mcfg, objective, fns, state, frozen, train_data, eval_data,
             make_train_step(fns), make_eval_step(fns))
+  if not objective.scalar_head:
+    run.behaviour = behaviour.held_out(cfg)
   if run.online:
     _attach_online(run)
   elif objective.uses_reference and cfg.reference.mode == "precomputed":
@@ -415,9 +419,14 @@ def evaluate(run: Run, eval_fn) -> dict[str, float]:
                for b in run.eval_data.epoch_batches()[:run.cfg.eval_batches]]
     counts = () if run.online else (eval_counts(run.objective, batches),)
     rows_ = [jax.tree.map(sharding.to_host, eval_fn(run.state, b, run.frozen, *counts)) for b in batches]
-  if counts:
-    return {k: float(v) for k, v in combine_metrics({k: np.stack([r[k] for r in rows_]) for k in rows_[0]}).items()}
-  return {k: float(np.mean([r[k] for r in rows_])) for k in rows_[0]}
+    if counts:
+      out = {k: float(v) for k, v in combine_metrics({k: np.stack([r[k] for r in rows_]) for k in rows_[0]}).items()}
+    else:
+      out = {k: float(np.mean([r[k] for r in rows_])) for k in rows_[0]}
+    if run.behaviour is not None:
+      out.update(behaviour.score(run.behaviour, run.fns.policy(run.policy_params(), run.frozen), run.tokenizer,
+                                 run.cfg.data.batch_size))
+  return out
 
 
 def eval_counts(objective: Objective, batches: list[dict]) -> dict:

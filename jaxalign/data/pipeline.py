@@ -141,7 +141,18 @@ class Batches:
     return out
 
 
-def _records(sources: tuple[str, ...], cfg: DataConfig, split: int, seed: int):
+def eval_sources(cfg: DataConfig) -> tuple[tuple[str, ...], int]:
+  """(sources, split) of the held-out data when it is its own split: data.eval, or the synthetic tasks' eval split;
+  a DataError for a held-out part carved out of data.train (not a split of its own)."""
+  if cfg.eval:
+    return cfg.eval, 1
+  if all(s.startswith("synthetic:") for s in cfg.train):
+    return cfg.train, 1
+  raise DataError("the held-out data is a part of data.train; name data.eval to score held-out prompts")
+
+
+def records(sources: tuple[str, ...], cfg: DataConfig, split: int, seed: int):
+  """(record, where) pairs of the sources: files, or the synthetic tasks' split (0: train, 1: eval) in cfg.format."""
   for source in sources:
     if source.startswith("synthetic:"):
       task = source.removeprefix("synthetic:")
@@ -157,7 +168,7 @@ def _records(sources: tuple[str, ...], cfg: DataConfig, split: int, seed: int):
 
 def load_split(sources: tuple[str, ...], cfg: DataConfig, tokenizer, split: int = 0, seed: int = 0):
   """Parse and tokenise one split. Returns (encoded examples, counts of skipped/truncated)."""
-  examples, counts = parse_records(_records(sources, cfg, split, seed), cfg.format)
+  examples, counts = parse_records(records(sources, cfg, split, seed), cfg.format)
   counts = collections.Counter({f"skipped: {k}": v for k, v in counts.items()})
   encoded = [dataclasses.replace(encode_example(tokenizer, e, cfg.max_length, cfg.max_prompt_length, counts), uid=i)
              for i, e in enumerate(examples)]

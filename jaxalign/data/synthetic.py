@@ -9,6 +9,8 @@ as real datasets and needs no files.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -48,12 +50,15 @@ def _text(digits: list[int]) -> str:
   return " ".join(map(str, digits))
 
 
-def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3, max_len: int = 7) -> list[dict]:
+def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3, max_len: int = 7,
+                 ambiguous: bool = False) -> list[dict]:
   """`num` records of the digit-sorting task.
 
   kind: "sft" (messages + completion), "preference" (prompt/chosen/rejected, with graded scores), "unpaired" (KTO:
   completion + label), "ranked" (the answer and two near misses, scores 2/1/0), "prompt" (prompt
   only, with the gold answer for rule rewards).
+  ambiguous ("sort_updown"): the demonstrations sort up or down, half each, so SFT leaves the direction to chance;
+  the preference pairs prefer up over down, and the answer (the true reward's) is up.
   """
   rng = np.random.default_rng(seed)
   records = []
@@ -61,10 +66,11 @@ def sort_records(num: int, seed: int, kind: str = "preference", min_len: int = 3
     digits = rng.integers(0, 10, size=rng.integers(min_len, max_len + 1)).tolist()
     prompt = [{"role": "user", "content": f"sort : {_text(digits)}"}]
     answer = sorted(digits)
+    down = answer[::-1]
     if kind == "sft":
-      records.append({"prompt": prompt, "completion": _text(answer)})
+      records.append({"prompt": prompt, "completion": _text(down if ambiguous and rng.integers(2) else answer)})
     elif kind == "preference":
-      rejected = _near_miss(answer, rng)
+      rejected = down if ambiguous and down != answer else _near_miss(answer, rng)
       records.append({"prompt": prompt, "chosen": _text(answer), "rejected": _text(rejected),
                       "score_chosen": sort_score(answer, answer), "score_rejected": sort_score(rejected, answer)})
     elif kind == "unpaired":
@@ -119,4 +125,4 @@ def max_reward(completion: str, answer: str) -> float:
   return 1.0 if words == [answer] else 0.5 if words[:1] == [answer] else 0.0
 
 
-TASKS = {"sort": sort_records, "max": max_records}
+TASKS = {"sort": sort_records, "sort_updown": functools.partial(sort_records, ambiguous=True), "max": max_records}

@@ -199,3 +199,21 @@ def test_half_scored_preference_record_is_an_error(tmp_path):
   path.write_text(json.dumps({**RECORDS[0], "margin": "big"}) + "\n")
   with pytest.raises(DataError, match=r"half.jsonl:1: field 'margin' must be a number"):
     parse_records(read_records(str(path)), "preference")
+
+
+def test_sort_updown_leaves_the_direction_to_the_preferences():
+  """Its demonstrations sort up or down (about half each); its pairs prefer up over down; its answer is up."""
+  from jaxalign.data import synthetic
+
+  sft = synthetic.TASKS["sort_updown"](400, 0, "sft")
+  digits = [r["prompt"][0]["content"].split(" : ")[1].split() for r in sft]
+  up = [r["completion"].split() == sorted(d) for r, d in zip(sft, digits)]
+  down = [r["completion"].split() == sorted(d, reverse=True) for r, d in zip(sft, digits)]
+  assert all(u or w for u, w in zip(up, down)) and 0.4 < np.mean(up) < 0.6 and 0.4 < np.mean(down) < 0.6
+  pairs = synthetic.TASKS["sort_updown"](50, 1, "preference")
+  for pair in pairs:
+    d = pair["prompt"][0]["content"].split(" : ")[1].split()
+    assert pair["chosen"].split() == sorted(d)
+    assert pair["rejected"].split() == sorted(d, reverse=True) or len(set(d)) == 1
+  assert all(r["answer"].split() == sorted(r["prompt"][0]["content"].split(" : ")[1].split())
+             for r in synthetic.TASKS["sort_updown"](20, 2, "prompt"))

@@ -75,7 +75,7 @@ def test_default_pipeline_exports_models(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   assert main(["stages.0.steps=30", "stages.1.steps=10", "log.progress=false", "data.synthetic_size=[256, 64]"]) == 0
   out = capsys.readouterr().out
-  assert "| dpo | rewards/accuracies |" in out
+  assert "| dpo | rewards/accuracies |" in out and "| dpo | behaviour/sort_exact |" in out
   model, cfg = load_hf(tmp_path / "runs/default/dpo/hf")
   assert cfg.vocab_size == 32 and (tmp_path / "runs/default/dpo/hf/tokenizer.json").exists()
 
@@ -100,6 +100,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     ["--config", str(cfg), f"data.train=[{missing}]", *base], capsys)
   assert "config key 'optim.learning_rate' is unknown" in run_cli(
     ["--config", str(cfg), "optim.learning_rate=1", *base], capsys)
+  assert "eval_reward='sort_exactly'" in run_cli(["--config", str(cfg), "eval_reward=sort_exactly", *base], capsys)
+  good = tmp_path / "good.jsonl"
+  good.write_text('{"prompt": "a", "completion": "b"}\n' * 40)
+  assert "name data.eval to score held-out prompts" in run_cli(
+    ["--config", str(cfg), f"data.train=[{good}]", "eval_reward=sort_exact", *base], capsys)
 
 
 def test_unwritable_run_dir_and_interrupted_save_are_one_line(tmp_path, capsys, monkeypatch):

@@ -23,7 +23,7 @@ from jaxalign.train import main
 # (remat off: pure recompute at this size).
 ARGS = ["stages.0.steps=6", "stages.1.steps=6", "data.synthetic_size=[256, 64]", "eval_batches=1", "log.every=1",
         "log.progress=false", "log.tensorboard=false", "checkpoint.every=2", "mesh.data=1", "mesh.fsdp=4",
-        "model.remat=none"]
+        "model.remat=none", "eval_reward=null"]  # greedy behaviour scoring runs in one process only
 
 
 def free_port() -> int:
