@@ -69,7 +69,8 @@ def test_naming_another_loss_drops_the_old_losss_parameters():
                 ["stages.1.loss.params.tau=0.5", "stages.1.loss.name=ipo"]):
     ipo = parse_stages(None, order)[1]
     assert ipo.loss.name == "ipo" and ipo.loss.params == {"tau": 0.5}  # the recipe's DPO beta is not merged in
-  assert parse_stages(None, ['stages.1.loss.name="dpo"'])[1].loss.params == {"beta": 0.5}  # the same loss keeps them
+  same = parse_stages(None, ['stages.1.loss.name="dpo + chosen_nll"'])[1]
+  assert same.loss.params == {"beta": 0.5}  # the same loss keeps them
   shared = {"loss": {"name": "dpo", "params": {"beta": 0.5}},
             "stages": [{"name": "a"}, {"name": "b", "loss": {"name": "ipo"}}, {"name": "c", "loss": {"name": "ipo",
                                                                                                "params": {"tau": 1}}}]}
@@ -78,7 +79,7 @@ def test_naming_another_loss_drops_the_old_losss_parameters():
 
 
 def test_every_stage_is_checked_before_the_first_one_trains():
-  with pytest.raises(ConfigError, match=r"^stage 'dpo': loss.params.betta: loss 'dpo' has no parameter 'betta'"):
+  with pytest.raises(ConfigError, match=r"^stage 'dpo': loss.params.betta: loss 'dpo \+ chosen_nll' has no parameter 'betta'"):
     check_stages(parse_stages(None, ["stages.1.loss.params.betta=1"]))
 
 
