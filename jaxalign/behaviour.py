@@ -50,9 +50,7 @@ def score(behaviour: Behaviour, model, tokenizer, batch_size: int) -> dict[str, 
   if jax.process_count() > 1:  # generation reads whole rows back on one host
     log.warning("eval_reward: skipped in a multi-process job")
     return {}
-  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-  cfg = SamplingConfig(max_new_tokens=behaviour.max_new_tokens, temperature=0.0, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=pad)
+  cfg = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=behaviour.max_new_tokens, temperature=0.0)
   completions = generate_text(model, tokenizer, behaviour.prompts, cfg=cfg, batch_size=batch_size)
   rewards = [INLINE[behaviour.reward](c, a) for c, a in zip(completions, behaviour.answers)]
   return {f"behaviour/{behaviour.reward}": float(np.mean(rewards))}

@@ -104,5 +104,9 @@ def _tokenizer_difference(reference, other) -> str | None:
 
 def _special_id(tokenizer, name: str) -> int | None:
   """A special-token id; a missing pad token counts as EOS (what padding uses)."""
-  value = getattr(tokenizer, name)
-  return tokenizer.eos_token_id if value is None and name == "pad_token_id" else value
+  return pad_id(tokenizer) if name == "pad_token_id" else getattr(tokenizer, name)
+
+
+def pad_id(tokenizer) -> int | None:
+  """The id rows are padded with: the tokenizer's pad token, or its EOS when it has none."""
+  return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

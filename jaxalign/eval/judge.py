@@ -15,13 +15,10 @@ from __future__ import annotations
 import numpy as np
 import jax.numpy as jnp
 from flax import nnx
-from tqdm import tqdm
 
 from jaxalign.config import ConfigError
-from jaxalign.data.batching import left_pad
-from jaxalign.data.tokenize import prompt_ids
-from jaxalign.eval.policy import Loaded
-from jaxalign.rollout.sampler import bucket_length
+from jaxalign.data.tokenize import pad_id, prompt_ids
+from jaxalign.eval.policy import Loaded, over_batches
 
 PAIRWISE = (
   "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
@@ -66,15 +63,8 @@ def choice_probs(judge: Loaded, texts: list[str], choices: tuple[str, ...], *, b
   ids = choice_ids(tok, choices)
   as_prompt = (lambda t: [{"role": "user", "content": t}]) if getattr(tok, "chat_template", None) else (lambda t: t)
   rows = [prompt_ids(tok, as_prompt(t))[-max_length:] for t in texts]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  out = []
-  for start in tqdm(range(0, len(rows), batch_size), desc="judging", unit="batch", leave=False):
-    chunk = rows[start:start + batch_size]
-    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
-    padded, mask = left_pad(chunk, pad, bucket_length(max(len(r) for r in rows)))
-    logits = np.asarray(_last_logits(judge.model, jnp.asarray(padded), jnp.asarray(mask)), np.float64)[:, ids]
-    out.append(logits[:len(rows) - start])
-  logits = np.concatenate(out)[:len(rows)]
+  logits = over_batches(lambda x, mask: _last_logits(judge.model, x, mask)[:, jnp.asarray(ids)], rows, pad_id(tok),
+                        batch_size, "judging")
   probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
   return probs / probs.sum(axis=-1, keepdims=True)
 

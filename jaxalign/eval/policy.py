@@ -4,6 +4,7 @@ a reward model's scores of (prompt, completion) pairs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -14,7 +15,7 @@ from tqdm import tqdm
 
 from jaxalign.config import ConfigError
 from jaxalign.data.batching import left_pad
-from jaxalign.data.tokenize import prompt_ids
+from jaxalign.data.tokenize import pad_id, prompt_ids
 from jaxalign.models import ScalarModel, last_token_values, load_hf, load_tokenizer
 from jaxalign.rollout import SamplingConfig, generate_text
 from jaxalign.rollout.sampler import bucket_length
@@ -51,10 +52,8 @@ def load(path: str, mesh=None) -> Loaded:
 
 def sampling(loaded: Loaded, max_new_tokens: int, temperature: float, top_p: float = 1.0) -> SamplingConfig:
   """Sampling settings with the tokenizer's EOS and pad ids (greedy at temperature 0)."""
-  tok = loaded.tokenizer
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  return SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        eos_token_id=tok.eos_token_id, pad_token_id=pad)
+  return SamplingConfig.for_tokenizer(loaded.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p)
 
 
 def complete(loaded: Loaded, prompts: list, cfg: SamplingConfig, *, batch_size: int, seed: int = 0,
@@ -82,11 +81,16 @@ def reward_scores(loaded: Loaded, prompts: list, completions: list[str], *, batc
   tok = loaded.tokenizer
   rows = [(prompt_ids(tok, p) + tok.encode(c, add_special_tokens=False))[-max_length:]
           for p, c in zip(prompts, completions)]
-  pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-  scores = []
-  for start in tqdm(range(0, len(rows), batch_size), desc="scoring", unit="batch", leave=False):
+  return over_batches(functools.partial(_scores, loaded.model), rows, pad_id(tok), batch_size, "scoring")
+
+
+def over_batches(fn, rows: list[list[int]], pad: int, batch_size: int, desc: str) -> np.ndarray:
+  """fn(ids, mask) -> [batch, ...] on token rows left-padded to one bucketed length, in batches of `batch_size`
+  (the last one filled up: one compiled shape), with a progress bar -> [len(rows), ...] float64."""
+  out = []
+  for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
     chunk = rows[start:start + batch_size]
-    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # one compiled shape
+    chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
     ids, mask = left_pad(chunk, pad, bucket_length(max(len(r) for r in rows)))
-    scores.append(np.asarray(_scores(loaded.model, jnp.asarray(ids), jnp.asarray(mask)))[:len(rows) - start])
-  return np.concatenate(scores)[:len(rows)].astype(np.float64)
+    out.append(np.asarray(fn(jnp.asarray(ids), jnp.asarray(mask)), np.float64)[:len(rows) - start])
+  return np.concatenate(out)

@@ -45,6 +45,13 @@ class SamplingConfig:
   # logits); False: under the full tempered distribution softmax(logits / T).
   renormalize: bool = True
 
+  @classmethod
+  def for_tokenizer(cls, tokenizer, **settings) -> SamplingConfig:
+    """`settings` with the tokenizer's EOS id and pad id (EOS when it has no pad token)."""
+    from jaxalign.data.tokenize import pad_id  # data imports tokenizer helpers; keep models light
+
+    return cls(eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id(tokenizer), **settings)
+
   def __post_init__(self):
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
@@ -295,8 +302,7 @@ def generate_text(model, tokenizer, prompts: list, *, key: jax.Array | None = No
   from jaxalign.data.tokenize import prompt_ids  # data imports tokenizer helpers; keep models light
 
   if cfg is None:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cfg = SamplingConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    cfg = SamplingConfig.for_tokenizer(tokenizer)
   key = jax.random.key(0) if key is None else key
   encoded = [prompt_ids(tokenizer, prompt) for prompt in prompts]
   batch_size = batch_size or len(encoded)
