@@ -1,11 +1,17 @@
-"""Test set-up: 8 fake CPU devices (for mesh tests), float32 matmuls everywhere, and a compilation cache
-shared by the test workers: many tests compile the same tiny programs (the same step built anew by each
-`train()`), and XLA compiles each once per session instead of once per test. Results do not change."""
+"""Test set-up: 8 fake CPU devices (for mesh tests), float32 matmuls everywhere, a compilation cache shared by
+the test workers (many tests compile the same tiny programs: the same step built anew by each `train()`, and XLA
+compiles each once per session instead of once per test), and XLA:CPU's quick code generation (LLVM at -O0
+without its expensive passes). The suite is bound by compile time, not run time: the last two halve it.
+Results do not change (tolerances are float32 ones)."""
 
 import os
 import pathlib
 
-import jax
+# Before jax starts its CPU backend; inherited by the subprocesses tests launch. The user's flags come last (win).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = f"{FAST_COMPILE} {os.environ.get('XLA_FLAGS', '')}".strip()
+
+import jax  # noqa: E402
 
 # Must run before jax touches a device: gives every test process 8 CPU devices for mesh tests.
 jax.config.update("jax_num_cpu_devices", 8)

@@ -352,7 +352,7 @@ def ppo_run(tmp_path_factory):
              "max_prompt_length": 12, "batch_size": 8},
     "rl": {"group_size": 4, "max_new_tokens": 3, "rewards": {"max_digit": 1.0}, "rft_threshold": 1.0},
     "optim": {"lr": 3e-3}, "eval_batches": 1, "log": {"every": 1, "progress": False, "tensorboard": False},
-    "checkpoint": {"export_hf": False},
+    "checkpoint": {"export_hf": False}, "mesh": {"fsdp": 1},
   }
   return build_run(from_dict(TrainConfig, cfg))
 

@@ -29,7 +29,7 @@ def rl_stage(tmp_path, algorithm, **changes):
              "max_prompt_length": 12, "batch_size": 8},
     "rl": {"group_size": 4, "max_new_tokens": 3, "rewards": {"max_digit": 1.0}, "rft_threshold": 1.0},
     "optim": {"lr": 3e-3}, "eval_batches": 8, "log": {"every": 1, "progress": False, "tensorboard": False},
-    "checkpoint": {"export_hf": False},
+    "checkpoint": {"export_hf": False}, "mesh": {"fsdp": 1},  # one device unless a test asks for a mesh
   }
   for key, value in changes.items():
     set_key(cfg, key.replace("__", "."), value)
@@ -116,7 +116,7 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path, data_dir):
 
 def test_default_grpo_command_improves_reward(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  assert main(["algorithm=grpo", "steps=60", "log.progress=false"]) == 0
+  assert main(["algorithm=grpo", "steps=60", "log.progress=false", "mesh.fsdp=1"]) == 0
   out = capsys.readouterr().out
   line = next(l for l in out.splitlines() if l.startswith("| rl | reward |"))
   before, after = (float(x) for x in line.strip("| ").split("|")[2:4])
@@ -129,7 +129,7 @@ def test_gsm8k_recipe_runs_on_the_real_data(tmp_path, data_dir, capsys):
                f"data.train=[{data_dir / 'gsm8k/train.jsonl'}]", "data.limit=32", "data.batch_size=2",
                "data.max_length=160", "data.max_prompt_length=128", "rl.group_size=2", "rl.max_new_tokens=8",
                "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
-               "model.num_kv_heads=1", "checkpoint.export_hf=false"])
+               "model.num_kv_heads=1", "checkpoint.export_hf=false", "mesh.fsdp=1"])
   assert code == 0, capsys.readouterr().err
   assert "| grpo-gsm8k | reward |" in capsys.readouterr().out
 

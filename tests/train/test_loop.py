@@ -146,7 +146,7 @@ def test_hh_rlhf_dpo_recipe_runs_on_the_real_data(tmp_path, data_dir, capsys):
                f"data.train=[{hh / 'harmless-base/test.jsonl.gz'}]", f"data.eval=[{hh / 'helpful-base/test.jsonl.gz'}]",
                "data.limit=64", "data.batch_size=4", "data.max_length=128", "data.max_prompt_length=96",
                "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
-               "model.num_kv_heads=1", "checkpoint.export_hf=false"])
+               "model.num_kv_heads=1", "checkpoint.export_hf=false", "mesh.fsdp=1"])
   assert code == 0, capsys.readouterr().err
   assert "| dpo-hh | rewards/accuracies |" in capsys.readouterr().out
 

@@ -40,7 +40,7 @@ def launch(run_dir, log_dir, *, env_launch: bool):
   base = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
   procs = []
   for rank in range(2):
-    env = {**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = {**base, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
     args = [sys.executable, "-m", "jaxalign.train", *ARGS, f"run_dir={run_dir}"]
     if env_launch:
       env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank))
